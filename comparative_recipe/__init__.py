@@ -1,0 +1,1 @@
+"""Comparative-loss fine-tuning for torchtune."""

@@ -1,0 +1,138 @@
+"""Per-sample task losses: what the comparative loss ranks.
+
+torchtune's losses return one token mean over the whole batch; the comparative loss needs one task
+loss per sample and pass. A task turns a forward's logits and the (already shifted) labels into
+``TaskLosses`` with one entry per row.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+Logits = Union[torch.Tensor, List[torch.Tensor]]
+
+
+@dataclass
+class TaskLosses:
+    """One forward's per-row results.
+
+    loss:     [R] mean task loss of each row (0 where the row has nothing to score)
+    n_tokens: [R] scored targets per row (labelled tokens; 1 or 0 for classification)
+    correct:  [R] bool, classification only: prediction equals the target
+    """
+
+    loss: torch.Tensor
+    n_tokens: torch.Tensor
+    correct: Optional[torch.Tensor] = None
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """[B, S] labels of tokens -> [B, S] targets of positions (position i predicts token i+1)."""
+    pad = labels.new_full((labels.shape[0], 1), ignore_index)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def per_sample_cross_entropy(
+    logits: Logits, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> TaskLosses:
+    """Mean token cross-entropy of each sample.
+
+    logits: [B, S, V], or a list of [B, S_j, V] chunks along the sequence (torchtune's
+        ``set_num_output_chunks``), upcast to fp32 one chunk at a time so fp32 logits for the
+        whole batch are never materialised.
+    targets: [B, S] shifted labels, ``ignore_index`` where nothing is scored.
+    A sample without scored tokens gets loss 0 and n_tokens 0 (never NaN); callers exclude it.
+    """
+    chunks = logits if isinstance(logits, (list, tuple)) else [logits]
+    target_chunks = targets.split([c.shape[1] for c in chunks], dim=1)
+    total = torch.zeros(targets.shape[0], dtype=torch.float32, device=targets.device)
+    for chunk, tgt in zip(chunks, target_chunks):
+        token_loss = F.cross_entropy(
+            chunk.float().flatten(0, 1), tgt.flatten(), ignore_index=ignore_index, reduction="none"
+        )
+        total = total + token_loss.view(tgt.shape).sum(dim=1)
+    n_tokens = (targets != ignore_index).sum(dim=1)
+    return TaskLosses(loss=total / n_tokens.clamp(min=1), n_tokens=n_tokens)
+
+
+class SFTTask:
+    """Supervised fine-tuning: the task loss is the sample's mean token cross-entropy."""
+
+    name = "sft"
+    has_accuracy = False
+
+    def __call__(self, logits: Logits, targets: torch.Tensor) -> TaskLosses:
+        return per_sample_cross_entropy(logits, targets)
+
+
+class ClassificationTask:
+    """Classification with a fixed label set, scored by label words at the answer position.
+
+    Each sample's first scored target is one of ``label_token_ids`` (the first token of each
+    label word, as the classification dataset encodes it). The task loss is the cross-entropy of
+    the logits restricted to those ids at that position; the prediction is their argmax.
+
+    Args:
+        label_token_ids: the first token id of each label word, in class order.
+    """
+
+    name = "classification"
+    has_accuracy = True
+
+    def __init__(self, label_token_ids: Sequence[int]):
+        ids = [int(i) for i in label_token_ids]
+        if len(ids) < 2 or len(set(ids)) != len(ids):
+            raise ValueError(
+                f"label_token_ids must hold at least two distinct ids, got {ids}: give every "
+                "label word a different first token"
+            )
+        self.label_token_ids = torch.tensor(ids)
+
+    def __call__(self, logits: Logits, targets: torch.Tensor) -> TaskLosses:
+        if isinstance(logits, (list, tuple)):
+            logits = torch.cat(list(logits), dim=1)
+        scored = targets != IGNORE_INDEX
+        has_target = scored.any(dim=1)
+        pos = scored.int().argmax(dim=1)  # first scored position (0 for rows with none)
+        rows = torch.arange(targets.shape[0], device=targets.device)
+        label_ids = self.label_token_ids.to(targets.device)
+        class_logits = logits[rows, pos][:, label_ids].float()  # [B, C]
+        target_ids = targets[rows, pos]
+        is_class = target_ids[:, None] == label_ids[None, :]  # [B, C]
+        if bool((has_target & ~is_class.any(dim=1)).any()):
+            bad = target_ids[has_target & ~is_class.any(dim=1)].tolist()
+            raise ValueError(
+                f"scored token ids {bad} are not label words {label_ids.tolist()}: the dataset "
+                "and the task must use the same label_words"
+            )
+        target = is_class.int().argmax(dim=1)
+        loss = F.cross_entropy(class_logits, target, reduction="none") * has_target
+        correct = (class_logits.argmax(dim=1) == target) & has_target
+        return TaskLosses(loss=loss, n_tokens=has_target.long(), correct=correct)
+
+
+TASKS = ("sft", "classification")
+
+
+def build_task(name: str, dataset=None):
+    """The task named in a config (``task: sft | classification``).
+
+    Classification takes its label token ids from the dataset (``classification_dataset`` exposes
+    ``label_token_ids``), so the label words are configured once, in the dataset section.
+    """
+    if name == "sft":
+        return SFTTask()
+    if name == "classification":
+        ids = getattr(dataset, "label_token_ids", None)
+        if ids is None:
+            raise ValueError(
+                "task: classification needs a dataset with label words, e.g. "
+                "comparative_recipe.data.datasets.classification_dataset (it exposes "
+                "label_token_ids); this dataset has none"
+            )
+        return ClassificationTask(ids)
+    raise ValueError(f"task must be one of {TASKS}, got {name!r}")

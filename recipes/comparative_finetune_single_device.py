@@ -1,0 +1,280 @@
+"""Comparative-loss fine-tuning on one device (torchtune recipe).
+
+For every sample the recipe runs the full model and c progressively ablated sub-models (hidden
+units masked, input chunks cropped) and trains with a ranking loss that asks the full model to have
+the lowest task loss (Zhu et al., "Cross-Model Comparative Loss", TOIS 2024). With c = 0 it is
+plain fine-tuning.
+
+    tune-cmp run comparative_finetune_single_device --config demo/tiny_needle_qa
+
+The comparative step itself (views, passes, loss, backward) lives in
+``comparative_recipe.passes``; this file is setup -> train loop -> checkpoint.
+"""
+
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import torch
+from omegaconf import DictConfig
+from torchtune import config, modules, training, utils
+from torchtune.recipe_interfaces import FTRecipeInterface
+from torchtune.training.lr_schedulers import get_lr
+from tqdm import tqdm
+
+from comparative_recipe.ablation.hidden import install_hidden_ablation, set_activation_checkpointing
+from comparative_recipe.data.datasets import validate_vocab
+from comparative_recipe.passes import comparative_step, merge_results
+from comparative_recipe.tasks import build_task
+from comparative_recipe.training.checkpointing import CheckpointManager
+from comparative_recipe.training.dataloader import build_dataloader
+from comparative_recipe.training.evaluate import evaluate
+from comparative_recipe.training.recipe_utils import (
+    check_dataset_supports_crops,
+    instantiate_checkpointer,
+    resume_checkpointer,
+    summarise_validation,
+)
+from comparative_recipe.training.settings import ComparativeSettings
+
+log = utils.get_logger("INFO")
+
+
+class ComparativeFinetuneRecipeSingleDevice(FTRecipeInterface):
+    """Full fine-tuning with the cross-model comparative loss on a single device (CPU or GPU).
+
+    Config keys beyond torchtune's ``full_finetune_single_device``: ``ablation`` (n_hidden,
+    n_input, order, hidden, crop), ``loss`` (``comparative_recipe.loss.ComparativeLoss``),
+    ``task`` (sft | classification), ``strategy`` (sequential | stacked | recompute),
+    ``loss_reduction`` (sample | token), ``validation`` (dataset, batch_size, every_n_steps,
+    metric), ``save_every_n_steps``, ``keep_last_checkpoints``, ``num_output_chunks``.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self._device = utils.get_device(device=cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        if self._dtype == torch.float16:
+            raise ValueError("fp16 training is not supported; use bf16 or fp32")
+        self.settings = ComparativeSettings.from_config(cfg)
+        self._output_dir = cfg.output_dir
+        self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
+        self._resume_from_checkpoint = cfg.get("resume_from_checkpoint", False)
+        self._gradient_accumulation_steps = cfg.get("gradient_accumulation_steps", 1)
+        if self._gradient_accumulation_steps < 1:
+            raise ValueError(
+                f"gradient_accumulation_steps must be >= 1, got {self._gradient_accumulation_steps}"
+            )
+        self._clip_grad_norm = cfg.get("clip_grad_norm", None)
+        self._save_every_n_steps = cfg.get("save_every_n_steps", None)
+        self.seed = training.set_seed(seed=cfg.seed)
+        self.epochs_run = 0
+        self.total_epochs = cfg.epochs
+        self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
+        self.global_step = 0
+        self._steps_into_epoch = 0
+        self._best: Optional[Dict[str, Any]] = None
+
+    def setup(self, cfg: DictConfig) -> None:
+        self._metric_logger = config.instantiate(cfg.metric_logger)
+        self._metric_logger.log_config(cfg)
+
+        checkpointer = instantiate_checkpointer(cfg.checkpointer)
+        self._ckpt = CheckpointManager(
+            checkpointer, self._output_dir, keep_last=cfg.get("keep_last_checkpoints", 2)
+        )
+        recipe_state = None
+        if self._resume_from_checkpoint:
+            checkpointer, recipe_state = resume_checkpointer(self._ckpt, checkpointer)
+            self._ckpt.checkpointer = checkpointer
+        ckpt_dict = checkpointer.load_checkpoint()
+
+        self._model = self._setup_model(cfg, ckpt_dict[training.MODEL_KEY])
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        validate_vocab(self._tokenizer, self._model.tok_embeddings.num_embeddings)
+        self._pad_id = self._tokenizer.pad_id
+
+        self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
+        self._loss_fn = config.instantiate(cfg.loss)
+        self._loss_fn.check_num_ablations(self.settings.num_ablations)
+
+        dataset = config.instantiate(cfg.dataset, self._tokenizer)
+        if self.settings.uses_crops:
+            check_dataset_supports_crops(dataset)
+        self._task = build_task(cfg.get("task", "sft"), dataset)
+        self._dataloader = build_dataloader(
+            dataset, batch_size=cfg.batch_size, shuffle=cfg.shuffle, pad_id=self._pad_id
+        )
+        self._val = cfg.get("validation", None)
+        self._val_dataloader = None
+        if self._val is not None:
+            val_dataset = config.instantiate(self._val.dataset, self._tokenizer)
+            self._val_dataloader = build_dataloader(
+                val_dataset, batch_size=self._val.get("batch_size", cfg.batch_size),
+                shuffle=False, pad_id=self._pad_id, drop_last=False,
+            )
+
+        self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
+        if self.max_steps_per_epoch is not None:
+            self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
+        if self._steps_per_epoch < 1:
+            raise ValueError(
+                f"an epoch has no optimizer step: {len(self._dataloader)} batches with "
+                f"gradient_accumulation_steps={self._gradient_accumulation_steps}"
+            )
+        if recipe_state is not None:
+            self._load_recipe_state(recipe_state)
+
+        self._lr_scheduler = None
+        if cfg.get("lr_scheduler", None) is not None:
+            self._lr_scheduler = config.instantiate(
+                cfg.lr_scheduler,
+                self._optimizer,
+                num_training_steps=self.total_epochs * self._steps_per_epoch,
+                last_epoch=self.global_step - 1,
+            )
+
+    def _setup_model(self, cfg: DictConfig, state_dict: Dict[str, Any]) -> torch.nn.Module:
+        with training.set_default_dtype(self._dtype), self._device:
+            model = config.instantiate(cfg.model)
+        if cfg.get("compile", False):
+            training.compile_model(model)
+        if cfg.get("enable_activation_checkpointing", False):
+            set_activation_checkpointing(
+                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
+            )
+        model.load_state_dict(state_dict)
+        training.validate_expected_param_dtype(model.named_parameters(), dtype=self._dtype)
+        if self.settings.hidden is not None:
+            install_hidden_ablation(model, self.settings.hidden)
+        if cfg.get("num_output_chunks", 0):
+            model.set_num_output_chunks(cfg.num_output_chunks)
+        log.info(f"Model is initialized with precision {self._dtype}.")
+        return model
+
+    def _load_recipe_state(self, state: Dict[str, Any]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(
+                f"seed {self.seed} differs from the checkpoint's {state['seed']}: resume with "
+                f"seed={state['seed']} (masks and crops are keyed by it)"
+            )
+        self.epochs_run = state["epochs_run"]
+        self.global_step = state["global_step"]
+        self._steps_into_epoch = state["steps_into_epoch"]
+        self._best = state.get("best")
+        self._optimizer.load_state_dict(state["optimizer"])
+        if self._steps_into_epoch > 0:
+            self._dataloader.load_state_dict(state["dataloader"])
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "seed": self.seed,
+            "epochs_run": self.epochs_run,
+            "global_step": self.global_step,
+            "steps_into_epoch": self._steps_into_epoch,
+            "optimizer": self._optimizer.state_dict(),
+            "dataloader": self._dataloader.state_dict(),
+            "best": self._best,
+        }
+        path = self._ckpt.save(self.global_step, self._model.state_dict(), state)
+        log.info(f"Checkpoint saved to {path}")
+
+    def validate(self) -> Dict[str, float]:
+        s = self.settings
+        metrics = evaluate(
+            self._model, self._val_dataloader, plan=s.plan, task=self._task,
+            loss_fn=self._loss_fn, crop_rate=s.crop_rate, seed=s.seed, pad_id=self._pad_id,
+            device=self._device,
+        )
+        self._metric_logger.log_dict(metrics, step=self.global_step)
+        name = self._val.get("metric", "val_loss_0")
+        value, higher_is_better = metrics[name], name.startswith("val_accuracy")
+        if self._best is None or (value > self._best["value"]) == higher_is_better:
+            self._best = {"metric": name, "value": value, "step": self.global_step}
+            self._ckpt.save_best(self._model.state_dict(), dict(self._best))
+        log.info(summarise_validation(metrics, self.global_step))
+        return metrics
+
+    def train(self) -> None:
+        s = self.settings
+        val_every = self._val.get("every_n_steps", None) if self._val is not None else None
+        self._optimizer.zero_grad()
+        for curr_epoch in range(self.epochs_run, self.total_epochs):
+            self._dataloader.sampler.set_epoch(curr_epoch)
+            pbar = tqdm(total=self._steps_per_epoch, initial=self._steps_into_epoch)
+            results, weight, t0 = [], 0.0, time.perf_counter()
+            for idx, batch in enumerate(self._dataloader):
+                utils.batch_to_device(batch, self._device)
+                res = comparative_step(
+                    self._model, batch, plan=s.plan, task=self._task, loss_fn=self._loss_fn,
+                    strategy=s.strategy, reduction=s.reduction, crop_rate=s.crop_rate,
+                    seed=s.seed, step=self.global_step, pad_id=self._pad_id,
+                )
+                results.append(res)
+                weight += float(res.weight)
+                if len(results) < self._gradient_accumulation_steps:
+                    continue
+
+                # Gradients hold sum_b weight_b * dL_b: normalise by the step's total weight.
+                training.scale_grads(self._model, 1 / max(weight, 1.0))
+                grad_norm = None
+                if self._clip_grad_norm is not None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        self._model.parameters(), max_norm=float(self._clip_grad_norm)
+                    )
+                self._optimizer.step()
+                self._optimizer.zero_grad(set_to_none=True)
+                if self._lr_scheduler is not None:
+                    self._lr_scheduler.step()
+                self.global_step += 1
+                self._steps_into_epoch += 1
+
+                step_result = merge_results(results)
+                metrics = step_result.metrics()
+                pbar.update(1)
+                pbar.set_description(
+                    f"{curr_epoch + 1}|{self.global_step}|cmp_loss: {metrics['cmp_loss']:.4f}"
+                    f" loss_0: {metrics['loss_0']:.4f}"
+                )
+                if self.global_step % self._log_every_n_steps == 0:
+                    dt = time.perf_counter() - t0
+                    metrics.update(
+                        lr=get_lr(self._optimizer),
+                        tokens_per_second=float(step_result.n_tokens[:, 0].sum()) / dt,
+                        pass_tokens_per_second=float(step_result.pass_tokens.sum()) / dt,
+                    )
+                    if grad_norm is not None:
+                        metrics["grad_norm"] = float(grad_norm)
+                    self._metric_logger.log_dict(metrics, step=self.global_step)
+                results, weight, t0 = [], 0.0, time.perf_counter()
+
+                epoch_done = self._steps_into_epoch >= self._steps_per_epoch
+                if val_every and self.global_step % val_every == 0:
+                    self.validate()
+                if epoch_done:
+                    break
+                if self._save_every_n_steps and self.global_step % self._save_every_n_steps == 0:
+                    self.save_checkpoint()
+            pbar.close()
+            self.epochs_run += 1
+            self._steps_into_epoch = 0
+            if self._val_dataloader is not None and not (
+                val_every and self.global_step % val_every == 0
+            ):
+                self.validate()
+            self.save_checkpoint()
+
+    def cleanup(self) -> None:
+        self._metric_logger.close()
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    config.log_config(recipe_name="ComparativeFinetuneRecipeSingleDevice", cfg=cfg)
+    recipe = ComparativeFinetuneRecipeSingleDevice(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.train()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -61,7 +61,7 @@ class StepResult:
     n_tokens:    [B, 1+c] scored targets per sample and pass
     valid:       [B] samples that take part (scored targets in the full view)
     sample_loss: [B] comparative loss per sample (0 where not valid)
-    weight:      [] sum of the sample weights this step back-propagated
+    sample_weight: [B] each sample's weight in the back-propagated sum (0 where not valid)
     exhausted:   [B, 1+c] crop had nothing left to drop
     pass_tokens: [1+c] input tokens each pass processed
     correct:     [B, 1+c] classification hits, or None
@@ -71,7 +71,7 @@ class StepResult:
     n_tokens: torch.Tensor
     valid: torch.Tensor
     sample_loss: torch.Tensor
-    weight: torch.Tensor
+    sample_weight: torch.Tensor
     exhausted: torch.Tensor
     pass_tokens: torch.Tensor
     correct: Optional[torch.Tensor] = None
@@ -81,6 +81,9 @@ class StepResult:
         v = self.valid
         n = max(int(v.sum()), 1)
         out = {
+            # the objective the step optimised: weighted mean of the per-sample losses
+            "loss": float((self.sample_loss * self.sample_weight).sum())
+            / max(float(self.sample_weight.sum()), 1e-12),
             "cmp_loss": float(self.sample_loss[v].sum()) / n,
             "violation_rate": float(violation_rate(self.losses[v]).sum()) / n if v.any() else 0.0,
             "excluded_samples": float((~v).sum()),
@@ -252,7 +255,7 @@ def comparative_step(
         n_tokens=n_tokens,
         valid=valid,
         sample_loss=sample_loss.detach(),
-        weight=weights.sum(),
+        sample_weight=weights,
         exhausted=torch.stack([p.exhausted for p in passes], dim=1),
         pass_tokens=torch.tensor([p.n_input_tokens for p in passes]),
         correct=correct,
@@ -269,7 +272,7 @@ def merge_results(results: Sequence[StepResult]) -> StepResult:
         n_tokens=cat("n_tokens"),
         valid=cat("valid"),
         sample_loss=cat("sample_loss"),
-        weight=sum(r.weight for r in results),
+        sample_weight=cat("sample_weight"),
         exhausted=cat("exhausted"),
         pass_tokens=sum(r.pass_tokens for r in results),
         correct=cat("correct") if results[0].correct is not None else None,

@@ -23,6 +23,7 @@ from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
 from comparative_recipe.ablation.hidden import install_hidden_ablation, set_activation_checkpointing
+from comparative_recipe.data.collate import collate_padding_idx
 from comparative_recipe.data.datasets import validate_vocab
 from comparative_recipe.passes import comparative_step, merge_results
 from comparative_recipe.tasks import build_task
@@ -88,10 +89,9 @@ class ComparativeFinetuneRecipeSingleDevice(FTRecipeInterface):
             self._ckpt.checkpointer = checkpointer
         ckpt_dict = checkpointer.load_checkpoint()
 
-        self._model = self._setup_model(cfg, ckpt_dict[training.MODEL_KEY])
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        validate_vocab(self._tokenizer, self._model.tok_embeddings.num_embeddings)
-        self._pad_id = self._tokenizer.pad_id
+        self._pad_id = collate_padding_idx(self._tokenizer)
+        self._model = self._setup_model(cfg, ckpt_dict[training.MODEL_KEY])
 
         self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
         self._loss_fn = config.instantiate(cfg.loss)
@@ -136,6 +136,7 @@ class ComparativeFinetuneRecipeSingleDevice(FTRecipeInterface):
     def _setup_model(self, cfg: DictConfig, state_dict: Dict[str, Any]) -> torch.nn.Module:
         with training.set_default_dtype(self._dtype), self._device:
             model = config.instantiate(cfg.model)
+        validate_vocab(self._tokenizer, model.tok_embeddings.num_embeddings)
         if cfg.get("compile", False):
             training.compile_model(model)
         if cfg.get("enable_activation_checkpointing", False):
@@ -210,12 +211,12 @@ class ComparativeFinetuneRecipeSingleDevice(FTRecipeInterface):
                     seed=s.seed, step=self.global_step, pad_id=self._pad_id,
                 )
                 results.append(res)
-                weight += float(res.weight)
+                weight += float(res.sample_weight.sum())
                 if len(results) < self._gradient_accumulation_steps:
                     continue
 
                 # Gradients hold sum_b weight_b * dL_b: normalise by the step's total weight.
-                training.scale_grads(self._model, 1 / max(weight, 1.0))
+                training.scale_grads(self._model, torch.tensor(1 / max(weight, 1.0)))
                 grad_norm = None
                 if self._clip_grad_norm is not None:
                     grad_norm = torch.nn.utils.clip_grad_norm_(

@@ -103,7 +103,7 @@ def test_token_reduction_equals_global_token_mean():
     model = make_model()
     res, g = grads_of(model, batch, plan=[], loss_fn=ComparativeLoss(), reduction="token")
     targets = shift_labels(batch["labels"])
-    assert float(res.weight) == float((targets != -100).sum())
+    assert float(res.sample_weight.sum()) == float((targets != -100).sum())
     model.zero_grad()
     logits = model(batch["tokens"])
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").backward()
@@ -135,7 +135,7 @@ def test_samples_without_labels_are_excluded_not_nan():
         res, g = grads_of(model, batch, plan=ablation_plan(1, 1), loss_fn=ComparativeLoss(),
                           strategy=strategy, crop_rate=0.5)
         assert res.valid.tolist() == [True, False, True, True]
-        assert float(res.weight) == 3
+        assert float(res.sample_weight.sum()) == 3
         assert res.sample_loss[1] == 0
         assert all(torch.isfinite(v).all() for v in g.values())
         assert res.metrics()["excluded_samples"] == 1

@@ -1,0 +1,223 @@
+"""End-to-end runs of the single-device recipe (subprocesses, tiny model, generated data)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from comparative_recipe.data.demo import demo_tokenizer, needle_qa_records
+from comparative_recipe.models.tiny import init_tiny_llama_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "comparative_finetune_single_device.py"
+MODEL = dict(vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
+             intermediate_dim=64, max_seq_len=256)
+
+pytestmark = pytest.mark.slow
+
+
+def run(args, cwd, check=True, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_metrics(log_dir):
+    """{step: {metric: value}} from torchtune's DiskLogger files."""
+    steps = {}
+    for path in sorted(Path(log_dir).glob("*.txt")):
+        for line in path.read_text().splitlines():
+            m = re.match(r"Step (\d+) \| (.*)", line)
+            if m:
+                entry = steps.setdefault(int(m.group(1)), {})
+                for kv in m.group(2).split():
+                    key, value = kv.split(":")
+                    entry[key] = float(value)
+    return steps
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tokenizer, a random tiny HF checkpoint and an instruct-style json file."""
+    root = tmp_path_factory.mktemp("assets")
+    demo_tokenizer(str(root / "sp.model"), vocab_size=512)
+    init_tiny_llama_checkpoint(root / "base", seed=0, **MODEL)
+    records = needle_qa_records(48, seed=1, n_paragraphs=3)
+    with open(root / "data.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps({"input": "\n\n".join(r["context"]) + "\n\n" + r["question"],
+                                "output": r["answer"]}) + "\n")
+    return root
+
+
+def base_config(assets, out, **overrides):
+    """The keys both our recipe and torchtune's full_finetune_single_device read."""
+    cfg = {
+        "output_dir": str(out),
+        "tokenizer": {"_component_": "comparative_recipe.data.demo.demo_tokenizer",
+                      "path": str(assets / "sp.model"), "max_seq_len": 256},
+        "model": {"_component_": "comparative_recipe.models.tiny.tiny_llama", **MODEL},
+        "checkpointer": {"_component_": "torchtune.training.FullModelHFCheckpointer",
+                         "checkpoint_dir": str(assets / "base"),
+                         "checkpoint_files": ["model.safetensors"],
+                         "model_type": "LLAMA3_2", "output_dir": str(out)},
+        "resume_from_checkpoint": False,
+        "seed": 0, "shuffle": True, "batch_size": 4, "epochs": 1, "max_steps_per_epoch": 6,
+        "gradient_accumulation_steps": 1, "clip_grad_norm": None,
+        "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-3, "fused": False},
+        "lr_scheduler": {"_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
+                         "num_warmup_steps": 2},
+        "device": "cpu", "dtype": "fp32", "compile": False,
+        "enable_activation_checkpointing": False,
+        "metric_logger": {"_component_": "torchtune.training.metric_logging.DiskLogger",
+                          "log_dir": str(out / "logs")},
+        "log_every_n_steps": 1,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def instruct_source(assets):
+    return {"source": "json", "data_files": str(assets / "data.jsonl"), "split": "train",
+            "train_on_input": False}
+
+
+def comparative_config(assets, out, **overrides):
+    cfg = base_config(assets, out)
+    cfg.update({
+        "dataset": {"_component_": "comparative_recipe.data.datasets.comparative_dataset",
+                    "builder": "torchtune.datasets.instruct_dataset", **instruct_source(assets),
+                    "crop": {"chunking": "window", "window": 12}},
+        "task": "sft",
+        "loss": {"_component_": "comparative_recipe.loss.ComparativeLoss"},
+        "ablation": {"n_hidden": 1, "n_input": 1, "hidden": {"rate": 0.2}},
+        "strategy": "sequential",
+    })
+    cfg.update(overrides)
+    return cfg
+
+
+def write(cfg, path):
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_recipe(cfg, tmp_path, name="run", check=True):
+    path = write(cfg, tmp_path / f"{name}.yaml")
+    return run([sys.executable, str(RECIPE), "--config", str(path)], cwd=tmp_path, check=check)
+
+
+@pytest.mark.parametrize("batch_size,reduction", [(1, "sample"), (4, "token")])
+def test_c0_matches_torchtune_full_finetune(assets, tmp_path, batch_size, reduction):
+    """c = 0 is plain fine-tuning: the same per-step losses and weights as torchtune's recipe."""
+    ours = comparative_config(assets, tmp_path / "ours", batch_size=batch_size, ablation={},
+                              loss_reduction=reduction)
+    run_recipe(ours, tmp_path, "ours")
+    theirs = base_config(assets, tmp_path / "theirs", batch_size=batch_size)
+    theirs.update({
+        "dataset": {"_component_": "torchtune.datasets.instruct_dataset", **instruct_source(assets)},
+        "loss": {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss"},
+        "optimizer_in_bwd": False,
+    })
+    write(theirs, tmp_path / "theirs.yaml")
+    run([str(Path(sys.executable).parent / "tune"), "run", "full_finetune_single_device", "--config", str(tmp_path / "theirs.yaml")],
+        cwd=tmp_path)
+    a, b = read_metrics(tmp_path / "ours" / "logs"), read_metrics(tmp_path / "theirs" / "logs")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-5), step
+        assert a[step]["loss_0"] == pytest.approx(a[step]["cmp_loss"], rel=1e-6)
+    w_ours = load_file(tmp_path / "ours" / "checkpoints" / "step_000006" / "model-00001-of-00001.safetensors")
+    w_theirs = load_file(tmp_path / "theirs" / "epoch_0" / "model-00001-of-00001.safetensors")
+    for key in w_theirs:
+        torch.testing.assert_close(w_ours[key], w_theirs[key], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_reproduces_the_uninterrupted_run(assets, tmp_path):
+    """Kill-free resume test: a run's checkpoints are truncated to a mid-epoch one and resumed."""
+    cfg = comparative_config(assets, tmp_path / "full", epochs=2, max_steps_per_epoch=4,
+                             save_every_n_steps=1, keep_last_checkpoints=10, strategy="recompute")
+    run_recipe(cfg, tmp_path, "full")
+    full = read_metrics(tmp_path / "full" / "logs")
+    assert sorted(full) == list(range(1, 9))
+    ckpts = tmp_path / "full" / "checkpoints"
+    for resume_from in [6, 4]:  # mid-epoch 2, and the epoch boundary
+        out = tmp_path / f"resumed_{resume_from}"
+        (out / "checkpoints").mkdir(parents=True)
+        os.symlink(ckpts / f"step_{resume_from:06d}", out / "checkpoints" / f"step_{resume_from:06d}")
+        resumed_cfg = dict(cfg, output_dir=str(out), resume_from_checkpoint=True,
+                           metric_logger={**cfg["metric_logger"], "log_dir": str(out / "logs")},
+                           checkpointer={**cfg["checkpointer"], "output_dir": str(out)})
+        run_recipe(resumed_cfg, tmp_path, f"resumed_{resume_from}")
+        resumed = read_metrics(out / "logs")
+        assert sorted(resumed) == list(range(resume_from + 1, 9))
+        for step in resumed:
+            for key in ("loss", "loss_0", "loss_1", "loss_2", "lr"):
+                assert resumed[step][key] == full[step][key], (resume_from, step, key)
+        final = "step_000008/model-00001-of-00001.safetensors"
+        w_a, w_b = load_file(ckpts / final), load_file(out / "checkpoints" / final)
+        assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+
+
+def test_demo_config_runs_and_writes_checkpoints(tmp_path):
+    """The embedded default through the CLI: metrics logged, validation run, checkpoints written."""
+    out = tmp_path / "demo"
+    run([sys.executable, "-m", "comparative_recipe.cli", "run", "comparative_finetune_single_device",
+         "--config", "demo/tiny_needle_qa", f"output_dir={out}", "max_steps_per_epoch=4",
+         "validation.every_n_steps=2", "validation.dataset.n_samples=32", "dataset.n_samples=128"],
+        cwd=tmp_path)
+    metrics = read_metrics(out / "logs")
+    for key in ("loss", "cmp_loss", "loss_0", "loss_1", "loss_2", "violation_rate",
+                "tokens_per_second", "pass_tokens_per_second", "lr"):
+        assert key in metrics[4], key
+    assert "val_loss_0" in metrics[2] and "val_loss_2" in metrics[4]
+    step_dir = out / "checkpoints" / "step_000004"
+    assert (step_dir / "config.json").is_file() and (step_dir / "recipe_state.pt").is_file()
+    assert list(step_dir.glob("*.safetensors"))
+    assert (out / "best").is_dir()
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+BAD_INPUTS = [
+    ({"ablation": {"n_hidden": 1, "hidden": {"rate": 1.0}}}, "rate"),
+    ({"ablation": {"n_hidden": -1}}, "n_hidden"),
+    ({"ablation": {"n_hidden": 1, "hidden": {"sites": ["ffn_hiden"]}}}, "ffn_hiden"),
+    ({"ablation": {"n_input": 1, "crop": {"rate": -0.1}}}, "rate"),
+    ({"strategy": "stack"}, "strategy"),
+    ({"model": {"_component_": "comparative_recipe.models.tiny.tiny_llama", **dict(MODEL, vocab_size=256)},
+      "checkpointer": {"_component_": "comparative_recipe.models.tiny.tiny_llama_hf_checkpointer",
+                       "checkpoint_dir": "SMALL", "output_dir": "OUT", **dict(MODEL, vocab_size=256)}},
+     "vocab"),
+    ({"checkpointer": {"_component_": "torchtune.training.FullModelHFCheckpointer",
+                       "checkpoint_dir": "/nonexistent/ckpt", "checkpoint_files": ["model.safetensors"],
+                       "model_type": "LLAMA3_2", "output_dir": "OUT"}}, "checkpoint"),
+]
+
+
+@pytest.mark.parametrize("override,needle", BAD_INPUTS)
+def test_bad_input_fails_before_training_with_a_clear_message(assets, tmp_path, override, needle):
+    out = tmp_path / "out"
+    cfg = comparative_config(assets, out)
+    override = json.loads(json.dumps(override).replace("OUT", str(out)).replace("SMALL", str(tmp_path / "small")))
+    cfg.update(override)
+    proc = run_recipe(cfg, tmp_path, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert needle in last, proc.stderr[-2000:]
+    assert not (out / "checkpoints").exists()
+
+
+def test_dataset_without_needed_fields(assets, tmp_path):
+    cfg = comparative_config(assets, tmp_path / "out")
+    cfg["dataset"]["column_map"] = {"input": "question"}
+    proc = run_recipe(cfg, tmp_path, check=False)
+    assert proc.returncode != 0 and "question" in proc.stderr

@@ -4,7 +4,8 @@ Each sample is a few short paragraphs, each stating one fact about one person's 
 of Mira is green. Mira keeps it in the attic."), and a question about one of them ("What is the
 color of Mira's lamp?"). The answer is drawn uniformly from several values, so it cannot be
 guessed from the question; the distractor paragraphs talk about the same person's other objects
-and other people's same object, so the model has to find the paragraph that matches both.
+and other people's same object, and state the other kind of attribute (a material when the
+question asks for a color), so the answer is the one value of the asked kind in the context.
 """
 
 import os
@@ -90,7 +91,10 @@ def needle_qa_records(
                 pairs.append(pair)
         paragraphs = []
         for i, (p_name, p_obj) in enumerate(pairs):
-            p_kind = kind if i == 0 else rng.choice(kinds)
+            # distractors state the other kind of fact, so the gold paragraph is the only one
+            # with a value of the asked kind: a tiny model learns to use the context within a
+            # demo's few hundred steps, and a crop that removes the gold paragraph hurts.
+            p_kind = kind if i == 0 else next(k for k in kinds if k != kind)
             value = answer if i == 0 else rng.choice(ATTRIBUTES[p_kind])
             paragraphs.append(f"{_fact(p_name, p_obj, p_kind, value)} {_filler(rng, p_name)}")
         order = list(range(n_paragraphs))

@@ -5,6 +5,7 @@ import time
 import pytest
 import torch
 
+from comparative_recipe.data.demo import ATTRIBUTES
 from comparative_recipe.ablation.chunks import crop_views
 from comparative_recipe.data import (
     collate_padding_idx,
@@ -44,6 +45,9 @@ def test_records_deterministic_and_answerable():
         others = [p for i, p in enumerate(r["context"]) if i != r["gold"]]
         assert any(p.startswith(f"The {obj} of ") for p in others)
         assert any(f" of {name} is" in p for p in others)
+        # ... and state the other kind of attribute: the answer's kind appears only in the gold
+        asked = ATTRIBUTES["material" if "made of" in r["question"] else "color"]
+        assert not any(re.search(rf"\b({'|'.join(asked)})\.", p) for p in others)
     # the answer is not guessable from the question type: many values per type
     for kind in ("color", "made of"):
         answers = {r["answer"] for r in records if kind in r["question"]}

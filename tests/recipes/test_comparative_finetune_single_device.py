@@ -193,6 +193,10 @@ BAD_INPUTS = [
     ({"ablation": {"n_hidden": 1, "hidden": {"sites": ["ffn_hiden"]}}}, "ffn_hiden"),
     ({"ablation": {"n_input": 1, "crop": {"rate": -0.1}}}, "rate"),
     ({"strategy": "stack"}, "strategy"),
+    ({"dataset": {"_component_": "comparative_recipe.data.datasets.comparative_dataset",
+                  "builder": "torchtune.datasets.instruct_dataset", "source": "json",
+                  "data_files": "DATA", "split": "train", "crop": {"protect_leading": 100000}}},
+     "droppable chunk"),
     ({"model": {"_component_": "comparative_recipe.models.tiny.tiny_llama", **dict(MODEL, vocab_size=256)},
       "checkpointer": {"_component_": "comparative_recipe.models.tiny.tiny_llama_hf_checkpointer",
                        "checkpoint_dir": "SMALL", "output_dir": "OUT", **dict(MODEL, vocab_size=256)}},
@@ -207,7 +211,8 @@ BAD_INPUTS = [
 def test_bad_input_fails_before_training_with_a_clear_message(assets, tmp_path, override, needle):
     out = tmp_path / "out"
     cfg = comparative_config(assets, out)
-    override = json.loads(json.dumps(override).replace("OUT", str(out)).replace("SMALL", str(tmp_path / "small")))
+    override = json.loads(json.dumps(override).replace("OUT", str(out)).replace("SMALL", str(tmp_path / "small"))
+                          .replace("DATA", str(assets / "data.jsonl")))
     cfg.update(override)
     proc = run_recipe(cfg, tmp_path, check=False)
     assert proc.returncode != 0
@@ -221,3 +226,29 @@ def test_dataset_without_needed_fields(assets, tmp_path):
     cfg["dataset"]["column_map"] = {"input": "question"}
     proc = run_recipe(cfg, tmp_path, check=False)
     assert proc.returncode != 0 and "question" in proc.stderr
+
+
+def test_classification_reports_accuracy_for_every_pass(assets, tmp_path):
+    """Label words scored at the answer position; validation accuracy logged per pass."""
+    rows = ["text,label"] + [
+        f"{'the film was bright and warm' if i % 2 else 'the film was dull and cold'} {i},"
+        f"{'yes' if i % 2 else 'no'}"
+        for i in range(40)
+    ]
+    (tmp_path / "cls.csv").write_text("\n".join(rows) + "\n")
+    dataset = {"_component_": "comparative_recipe.data.datasets.classification_dataset",
+               "source": "csv", "data_files": str(tmp_path / "cls.csv"), "split": "train",
+               "label_words": ["no", "yes"], "template": "Review: {text}\nLabel:"}
+    cfg = comparative_config(assets, tmp_path / "cls", dataset=dataset, task="classification",
+                             ablation={"n_hidden": 2}, strategy="stacked",
+                             validation={"dataset": dataset, "every_n_steps": 3,
+                                         "metric": "val_accuracy_0"})
+    run_recipe(cfg, tmp_path, "cls")
+    metrics = read_metrics(tmp_path / "cls" / "logs")
+    for k in range(3):
+        assert 0.0 <= metrics[6][f"val_accuracy_{k}"] <= 1.0
+        assert 0.0 <= metrics[6][f"accuracy_{k}"] <= 1.0
+    assert metrics[6]["val_samples"] == 40
+    best = torch.load(tmp_path / "cls" / "best" / "recipe_state.pt", weights_only=False)
+    assert best["metric"] == "val_accuracy_0"
+    assert best["value"] == max(metrics[s]["val_accuracy_0"] for s in (3, 6))

@@ -117,8 +117,7 @@ def build_passes(
     if levels == [0]:
         keys = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         keys = torch.where(chunk_ids == -2, -1, keys)
-        full = {0: (tokens, labels, keys, torch.zeros_like(sample_ids, dtype=torch.bool))}
-        views = full
+        views = {0: (tokens, labels, keys, torch.zeros_like(sample_ids, dtype=torch.bool))}
     else:
         views = {
             lvl: (v.tokens, v.labels, v.token_keys, v.exhausted)

@@ -49,8 +49,9 @@ class PassInput:
     exhausted: torch.Tensor
 
     @property
-    def n_input_tokens(self) -> int:
-        return int((self.keys.token_keys >= 0).sum())
+    def n_input_tokens(self) -> torch.Tensor:
+        """Input tokens of the view, not counting padding (a 0-d tensor: no host sync)."""
+        return (self.keys.token_keys >= 0).sum()
 
 
 @dataclass
@@ -76,25 +77,72 @@ class StepResult:
     pass_tokens: torch.Tensor
     correct: Optional[torch.Tensor] = None
 
+    def sums(self) -> torch.Tensor:
+        """Everything the step metrics need, as one float64 vector of sums over samples.
+
+        Sums add up over micro-batches and ranks (one all-reduce, one host transfer); turn them
+        into metrics with ``metrics_from_sums``. Layout: ``_SUM_FIELDS``, then per pass k the
+        loss sum over valid samples, crops exhausted, classification hits, input tokens.
+        """
+        v, w = self.valid, self.sample_weight
+        vf = v.to(self.losses.dtype)
+        head = torch.stack([
+            w.sum(),
+            (self.sample_loss * w).sum(),
+            vf.sum(),
+            (self.sample_loss * vf).sum(),
+            (violation_rate(self.losses) * vf).sum(),
+            (~v).sum(),
+            (self.n_tokens[:, 0] * v).sum(),
+        ]).double()
+        correct = self.correct if self.correct is not None else torch.zeros_like(self.exhausted)
+        per_pass = torch.stack([
+            (self.losses * vf[:, None]).sum(0),
+            self.exhausted.sum(0),
+            (correct * v[:, None]).sum(0),
+            self.pass_tokens.to(self.losses.device),
+        ]).double()
+        return torch.cat([head, per_pass.flatten()])
+
     def metrics(self) -> Dict[str, float]:
         """Per-step numbers for the metric logger (means over valid samples)."""
-        v = self.valid
-        n = max(int(v.sum()), 1)
-        out = {
-            # the objective the step optimised: weighted mean of the per-sample losses
-            "loss": float((self.sample_loss * self.sample_weight).sum())
-            / max(float(self.sample_weight.sum()), 1e-12),
-            "cmp_loss": float(self.sample_loss[v].sum()) / n,
-            "violation_rate": float(violation_rate(self.losses[v]).sum()) / n if v.any() else 0.0,
-            "excluded_samples": float((~v).sum()),
-        }
-        for k in range(self.losses.shape[1]):
-            out[f"loss_{k}"] = float(self.losses[v, k].sum()) / n
-            if k > 0:
-                out[f"crop_exhausted_{k}"] = float(self.exhausted[:, k].sum())
-            if self.correct is not None:
-                out[f"accuracy_{k}"] = float(self.correct[v, k].float().sum()) / n
-        return out
+        return metrics_from_sums(self.sums(), with_accuracy=self.correct is not None)
+
+
+# The scalar sums at the head of ``StepResult.sums()``.
+_SUM_FIELDS = ("weight", "weighted_loss", "valid", "cmp_loss", "violations", "excluded", "tokens")
+
+
+def metrics_from_sums(sums: torch.Tensor, with_accuracy: bool = False) -> Dict[str, float]:
+    """Metrics from ``StepResult.sums()`` (possibly summed over micro-batches and ranks).
+
+    ``loss`` is the objective the step optimised (weighted mean of per-sample losses);
+    ``cmp_loss``, ``violation_rate``, ``loss_k`` and ``accuracy_k`` are means over valid samples;
+    ``excluded_samples``, ``crop_exhausted_k``, ``tokens`` and ``pass_tokens_k`` are counts.
+    """
+    values = sums.tolist()
+    head = dict(zip(_SUM_FIELDS, values))
+    n_passes = (len(values) - len(_SUM_FIELDS)) // 4
+    loss_k, exhausted_k, correct_k, tokens_k = (
+        values[len(_SUM_FIELDS) + i * n_passes : len(_SUM_FIELDS) + (i + 1) * n_passes]
+        for i in range(4)
+    )
+    n = max(head["valid"], 1.0)
+    out = {
+        "loss": head["weighted_loss"] / max(head["weight"], 1e-12),
+        "cmp_loss": head["cmp_loss"] / n,
+        "violation_rate": head["violations"] / n,
+        "excluded_samples": head["excluded"],
+        "tokens": head["tokens"],
+    }
+    for k in range(n_passes):
+        out[f"loss_{k}"] = loss_k[k] / n
+        if k > 0:
+            out[f"crop_exhausted_{k}"] = exhausted_k[k]
+        if with_accuracy:
+            out[f"accuracy_{k}"] = correct_k[k] / n
+        out[f"pass_tokens_{k}"] = tokens_k[k]
+    return out
 
 
 def build_passes(
@@ -256,7 +304,7 @@ def comparative_step(
         sample_loss=sample_loss.detach(),
         sample_weight=weights,
         exhausted=torch.stack([p.exhausted for p in passes], dim=1),
-        pass_tokens=torch.tensor([p.n_input_tokens for p in passes]),
+        pass_tokens=torch.stack([p.n_input_tokens for p in passes]),
         correct=correct,
     )
 

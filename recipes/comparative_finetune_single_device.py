@@ -13,7 +13,7 @@ The comparative step itself (views, passes, loss, backward) lives in
 
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 from omegaconf import DictConfig
@@ -28,12 +28,17 @@ from comparative_recipe.data.datasets import validate_vocab
 from comparative_recipe.passes import comparative_step, merge_results
 from comparative_recipe.tasks import build_task
 from comparative_recipe.training.checkpointing import CheckpointManager
-from comparative_recipe.training.dataloader import build_dataloader
+from comparative_recipe.training.costs import peak_memory, reset_peak_memory
+from comparative_recipe.training.dataloader import build_dataloader, build_eval_dataloader
 from comparative_recipe.training.evaluate import evaluate
 from comparative_recipe.training.recipe_utils import (
+    TrainingProgress,
     check_dataset_supports_crops,
     instantiate_checkpointer,
+    optimizer_step,
     resume_checkpointer,
+    step_metrics,
+    steps_per_epoch,
     summarise_validation,
 )
 from comparative_recipe.training.settings import ComparativeSettings
@@ -61,19 +66,11 @@ class ComparativeFinetuneRecipeSingleDevice(FTRecipeInterface):
         self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
         self._resume_from_checkpoint = cfg.get("resume_from_checkpoint", False)
         self._gradient_accumulation_steps = cfg.get("gradient_accumulation_steps", 1)
-        if self._gradient_accumulation_steps < 1:
-            raise ValueError(
-                f"gradient_accumulation_steps must be >= 1, got {self._gradient_accumulation_steps}"
-            )
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
-        self.seed = training.set_seed(seed=cfg.seed)
-        self.epochs_run = 0
+        self.progress = TrainingProgress(seed=training.set_seed(seed=cfg.seed))
         self.total_epochs = cfg.epochs
         self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
-        self.global_step = 0
-        self._steps_into_epoch = 0
-        self._best: Optional[Dict[str, Any]] = None
 
     def setup(self, cfg: DictConfig) -> None:
         self._metric_logger = config.instantiate(cfg.metric_logger)
@@ -108,19 +105,14 @@ class ComparativeFinetuneRecipeSingleDevice(FTRecipeInterface):
         self._val_dataloader = None
         if self._val is not None:
             val_dataset = config.instantiate(self._val.dataset, self._tokenizer)
-            self._val_dataloader = build_dataloader(
+            self._val_dataloader = build_eval_dataloader(
                 val_dataset, batch_size=self._val.get("batch_size", cfg.batch_size),
-                shuffle=False, pad_id=self._pad_id, drop_last=False,
+                pad_id=self._pad_id,
             )
 
-        self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
-        if self.max_steps_per_epoch is not None:
-            self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
-        if self._steps_per_epoch < 1:
-            raise ValueError(
-                f"an epoch has no optimizer step: {len(self._dataloader)} batches with "
-                f"gradient_accumulation_steps={self._gradient_accumulation_steps}"
-            )
+        self._steps_per_epoch = steps_per_epoch(
+            len(self._dataloader), self._gradient_accumulation_steps, self.max_steps_per_epoch
+        )
         if recipe_state is not None:
             self._load_recipe_state(recipe_state)
 
@@ -130,7 +122,7 @@ class ComparativeFinetuneRecipeSingleDevice(FTRecipeInterface):
                 cfg.lr_scheduler,
                 self._optimizer,
                 num_training_steps=self.total_epochs * self._steps_per_epoch,
-                last_epoch=self.global_step - 1,
+                last_epoch=self.progress.global_step - 1,
             )
 
     def _setup_model(self, cfg: DictConfig, state_dict: Dict[str, Any]) -> torch.nn.Module:
@@ -153,30 +145,18 @@ class ComparativeFinetuneRecipeSingleDevice(FTRecipeInterface):
         return model
 
     def _load_recipe_state(self, state: Dict[str, Any]) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(
-                f"seed {self.seed} differs from the checkpoint's {state['seed']}: resume with "
-                f"seed={state['seed']} (masks and crops are keyed by it)"
-            )
-        self.epochs_run = state["epochs_run"]
-        self.global_step = state["global_step"]
-        self._steps_into_epoch = state["steps_into_epoch"]
-        self._best = state.get("best")
+        self.progress.load_state_dict(state)
         self._optimizer.load_state_dict(state["optimizer"])
-        if self._steps_into_epoch > 0:
+        if self.progress.steps_into_epoch > 0:
             self._dataloader.load_state_dict(state["dataloader"])
 
     def save_checkpoint(self) -> None:
         state = {
-            "seed": self.seed,
-            "epochs_run": self.epochs_run,
-            "global_step": self.global_step,
-            "steps_into_epoch": self._steps_into_epoch,
+            **self.progress.state_dict(),
             "optimizer": self._optimizer.state_dict(),
             "dataloader": self._dataloader.state_dict(),
-            "best": self._best,
         }
-        path = self._ckpt.save(self.global_step, self._model.state_dict(), state)
+        path = self._ckpt.save(self.progress.global_step, self._model.state_dict(), state)
         log.info(f"Checkpoint saved to {path}")
 
     def validate(self) -> Dict[str, float]:
@@ -186,80 +166,68 @@ class ComparativeFinetuneRecipeSingleDevice(FTRecipeInterface):
             loss_fn=self._loss_fn, crop_rate=s.crop_rate, seed=s.seed, pad_id=self._pad_id,
             device=self._device,
         )
-        self._metric_logger.log_dict(metrics, step=self.global_step)
-        name = self._val.get("metric", "val_loss_0")
-        value, higher_is_better = metrics[name], name.startswith("val_accuracy")
-        if self._best is None or (value > self._best["value"]) == higher_is_better:
-            self._best = {"metric": name, "value": value, "step": self.global_step}
-            self._ckpt.save_best(self._model.state_dict(), dict(self._best))
-        log.info(summarise_validation(metrics, self.global_step))
+        self._metric_logger.log_dict(metrics, step=self.progress.global_step)
+        if self.progress.improves(metrics, self._val.get("metric", "val_loss_0")):
+            self._ckpt.save_best(self._model.state_dict(), dict(self.progress.best))
+        log.info(summarise_validation(metrics, self.progress.global_step))
         return metrics
 
     def train(self) -> None:
-        s = self.settings
+        s, progress = self.settings, self.progress
         val_every = self._val.get("every_n_steps", None) if self._val is not None else None
         self._optimizer.zero_grad()
-        for curr_epoch in range(self.epochs_run, self.total_epochs):
+        for curr_epoch in range(progress.epochs_run, self.total_epochs):
             self._dataloader.sampler.set_epoch(curr_epoch)
-            pbar = tqdm(total=self._steps_per_epoch, initial=self._steps_into_epoch)
-            results, weight, t0 = [], 0.0, time.perf_counter()
-            for idx, batch in enumerate(self._dataloader):
+            pbar = tqdm(total=self._steps_per_epoch, initial=progress.steps_into_epoch)
+            results, t0 = [], time.perf_counter()
+            reset_peak_memory(self._device)
+            for batch in self._dataloader:
                 utils.batch_to_device(batch, self._device)
-                res = comparative_step(
+                results.append(comparative_step(
                     self._model, batch, plan=s.plan, task=self._task, loss_fn=self._loss_fn,
                     strategy=s.strategy, reduction=s.reduction, crop_rate=s.crop_rate,
-                    seed=s.seed, step=self.global_step, pad_id=self._pad_id,
-                )
-                results.append(res)
-                weight += float(res.sample_weight.sum())
+                    seed=s.seed, step=progress.global_step, pad_id=self._pad_id,
+                ))
                 if len(results) < self._gradient_accumulation_steps:
                     continue
 
                 # Gradients hold sum_b weight_b * dL_b: normalise by the step's total weight.
-                training.scale_grads(self._model, torch.tensor(1 / max(weight, 1.0)))
-                grad_norm = None
-                if self._clip_grad_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        self._model.parameters(), max_norm=float(self._clip_grad_norm)
-                    )
-                self._optimizer.step()
-                self._optimizer.zero_grad(set_to_none=True)
-                if self._lr_scheduler is not None:
-                    self._lr_scheduler.step()
-                self.global_step += 1
-                self._steps_into_epoch += 1
+                sums = merge_results(results).sums()
+                grad_norm = optimizer_step(
+                    self._model, self._optimizer, self._lr_scheduler,
+                    grad_scale=1 / sums[0].clamp(min=1.0), clip_grad_norm=self._clip_grad_norm,
+                )
+                progress.global_step += 1
+                progress.steps_into_epoch += 1
 
-                step_result = merge_results(results)
-                metrics = step_result.metrics()
+                metrics = step_metrics(
+                    sums, with_accuracy=self._task.has_accuracy,
+                    seconds=time.perf_counter() - t0, lr=get_lr(self._optimizer),
+                    grad_norm=grad_norm,
+                )
+                metrics[f"peak_memory_{self._device.type}"] = peak_memory(self._device)
                 pbar.update(1)
                 pbar.set_description(
-                    f"{curr_epoch + 1}|{self.global_step}|cmp_loss: {metrics['cmp_loss']:.4f}"
+                    f"{curr_epoch + 1}|{progress.global_step}|cmp_loss: {metrics['cmp_loss']:.4f}"
                     f" loss_0: {metrics['loss_0']:.4f}"
                 )
-                if self.global_step % self._log_every_n_steps == 0:
-                    dt = time.perf_counter() - t0
-                    metrics.update(
-                        lr=get_lr(self._optimizer),
-                        tokens_per_second=float(step_result.n_tokens[:, 0].sum()) / dt,
-                        pass_tokens_per_second=float(step_result.pass_tokens.sum()) / dt,
-                    )
-                    if grad_norm is not None:
-                        metrics["grad_norm"] = float(grad_norm)
-                    self._metric_logger.log_dict(metrics, step=self.global_step)
-                results, weight, t0 = [], 0.0, time.perf_counter()
+                if progress.global_step % self._log_every_n_steps == 0:
+                    self._metric_logger.log_dict(metrics, step=progress.global_step)
 
-                epoch_done = self._steps_into_epoch >= self._steps_per_epoch
-                if val_every and self.global_step % val_every == 0:
+                epoch_done = progress.steps_into_epoch >= self._steps_per_epoch
+                if val_every and progress.global_step % val_every == 0:
                     self.validate()
                 if epoch_done:
                     break
-                if self._save_every_n_steps and self.global_step % self._save_every_n_steps == 0:
+                if self._save_every_n_steps and progress.global_step % self._save_every_n_steps == 0:
                     self.save_checkpoint()
+                results, t0 = [], time.perf_counter()
+                reset_peak_memory(self._device)
             pbar.close()
-            self.epochs_run += 1
-            self._steps_into_epoch = 0
+            progress.epochs_run += 1
+            progress.steps_into_epoch = 0
             if self._val_dataloader is not None and not (
-                val_every and self.global_step % val_every == 0
+                val_every and progress.global_step % val_every == 0
             ):
                 self.validate()
             self.save_checkpoint()

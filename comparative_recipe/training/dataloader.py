@@ -5,6 +5,7 @@ from functools import partial
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 from comparative_recipe.data.collate import comparative_collate
 
@@ -42,4 +43,40 @@ def build_dataloader(
         sampler=sampler,
         collate_fn=partial(comparative_collate, padding_idx=pad_id),
         drop_last=drop_last,
+    )
+
+
+class _RankShard(Dataset):
+    """Samples ``rank, rank + world_size, ...`` of ``dataset``, padded so that every rank has
+    the same count: all ranks must run the same number of forwards under FSDP. A padding item
+    repeats sample 0 with every label ignored, so it counts nowhere (an excluded sample)."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int):
+        self.dataset, self.rank, self.world_size = dataset, rank, world_size
+        self._len = -(-len(dataset) // world_size)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int):
+        index = self.rank + i * self.world_size
+        if index < len(self.dataset):
+            return self.dataset[index]
+        item = dict(self.dataset[0])
+        item["labels"] = [CROSS_ENTROPY_IGNORE_IDX] * len(item["labels"])
+        return item
+
+
+def build_eval_dataloader(
+    dataset: Dataset, *, batch_size: int, pad_id: int, rank: int = 0, world_size: int = 1
+) -> StatefulDataLoader:
+    """Every sample of ``dataset`` exactly once over all ranks, in order (no sample repeated to
+    even out the ranks, unlike ``DistributedSampler``), with the same batch count on each rank."""
+    if batch_size < 1:
+        raise ValueError(f"validation batch_size must be >= 1, got {batch_size}")
+    return StatefulDataLoader(
+        _RankShard(dataset, rank, world_size),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=partial(comparative_collate, padding_idx=pad_id),
     )

@@ -1,10 +1,17 @@
-"""Setup pieces both comparative recipes share: checkpointer, resume, data checks, summaries."""
+"""Pieces both comparative recipes share: checkpointer, resume, progress, data checks, the
+optimizer step and the logged metrics."""
 
-from typing import Any, Dict, Tuple
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional, Tuple
 
+import torch
 from omegaconf import DictConfig
-from torchtune import config
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torchtune import config, training
 from torchtune.training import FullModelHFCheckpointer
+
+from comparative_recipe.passes import metrics_from_sums
 
 from comparative_recipe.training.checkpointing import (
     CheckpointManager,
@@ -70,3 +77,104 @@ def summarise_validation(metrics: Dict[str, float], step: int) -> str:
     parts = " ".join(f"loss_{k}={v:.4f}" for k, v in enumerate(losses))
     verdict = "full model ahead of every ablation" if ahead else "full model NOT ahead of every ablation"
     return f"validation at step {step}: {parts} ({verdict})"
+
+
+@dataclass
+class TrainingProgress:
+    """Where a run is: saved in every checkpoint's recipe state, restored on resume.
+
+    best: the best validation result so far ({"metric", "value", "step"}), or None.
+    """
+
+    seed: int
+    epochs_run: int = 0
+    global_step: int = 0
+    steps_into_epoch: int = 0
+    best: Optional[Dict[str, Any]] = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(
+                f"seed {self.seed} differs from the checkpoint's {state['seed']}: resume with "
+                f"seed={state['seed']} (masks and crops are keyed by it)"
+            )
+        self.epochs_run = state["epochs_run"]
+        self.global_step = state["global_step"]
+        self.steps_into_epoch = state["steps_into_epoch"]
+        self.best = state.get("best")
+
+    def improves(self, metrics: Dict[str, float], name: str) -> bool:
+        """Records ``metrics[name]`` as the best if it is (accuracies higher, losses lower)."""
+        if name not in metrics:
+            raise ValueError(
+                f"validation.metric {name!r} is not computed; choose one of {sorted(metrics)}"
+            )
+        value, higher_is_better = metrics[name], name.startswith("val_accuracy")
+        if self.best is not None and (value > self.best["value"]) != higher_is_better:
+            return False
+        self.best = {"metric": name, "value": value, "step": self.global_step}
+        return True
+
+
+def steps_per_epoch(n_batches: int, gradient_accumulation_steps: int, max_steps: Optional[int]) -> int:
+    """Optimizer steps in an epoch of ``n_batches`` micro-batches (per rank)."""
+    if gradient_accumulation_steps < 1:
+        raise ValueError(
+            f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}"
+        )
+    steps = n_batches // gradient_accumulation_steps
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    if steps < 1:
+        raise ValueError(
+            f"an epoch has no optimizer step: {n_batches} batches per rank with "
+            f"gradient_accumulation_steps={gradient_accumulation_steps}"
+        )
+    return steps
+
+
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Optional[Any],
+    grad_scale: torch.Tensor,
+    clip_grad_norm: Optional[float],
+) -> Optional[torch.Tensor]:
+    """Scales the accumulated gradients by ``grad_scale``, clips, steps and zeroes.
+
+    Returns the gradient norm before clipping (None without clipping).
+    """
+    training.scale_grads(model, grad_scale.float())
+    grad_norm = None
+    if clip_grad_norm is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=float(clip_grad_norm))
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    return grad_norm
+
+
+def step_metrics(
+    sums: torch.Tensor,
+    *,
+    with_accuracy: bool,
+    seconds: float,
+    lr: float,
+    grad_norm: Optional[torch.Tensor],
+) -> Dict[str, float]:
+    """The logged metrics of an optimizer step from its (rank-summed) ``StepResult.sums()``."""
+    metrics = metrics_from_sums(sums, with_accuracy=with_accuracy)
+    metrics["lr"] = lr
+    metrics["tokens_per_second"] = metrics["tokens"] / seconds
+    metrics["pass_tokens_per_second"] = (
+        sum(v for k, v in metrics.items() if k.startswith("pass_tokens_")) / seconds
+    )
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    return metrics

@@ -1,0 +1,145 @@
+"""What an optimizer step costs: collectives issued and bytes moved, and peak memory.
+
+Used by the distributed (FSDP2) recipes to log per-step costs and by the benchmarks.
+"""
+
+import resource
+import sys
+from typing import Any, Dict, List
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Ops of these namespaces that move no data between processes.
+_NOT_COMMUNICATION = {"wait", "wait_tensor", "check_for_nan", "_wrap_tensor_autograd"}
+# Synchronisation only: counted as collectives with 0 bytes.
+_BARRIERS = {"barrier", "monitored_barrier_"}
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` (a tensor, or a list/tuple of them, nested); 0 otherwise."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Counts the collectives this process issues while active (``with counter:``) and their bytes.
+
+    A collective is any op of the ``c10d`` namespace (what ``torch.distributed.all_reduce`` and
+    friends, and FSDP2's all-gathers and reduce-scatters, dispatch to) or of ``_c10d_functional``
+    (functional collectives, DTensor), except the bookkeeping ops ``wait``, ``wait_tensor``,
+    ``check_for_nan`` and ``_wrap_tensor_autograd``.
+    Point-to-point ops (send/recv) are counted too. Barriers count as collectives of 0 bytes.
+
+    Bytes of one collective = its payload = the larger of the bytes of its input tensor(s) and of
+    its output tensor(s): an all-gather counts its gathered output, a reduce-scatter its full input,
+    an all-reduce or broadcast its tensor(s). It is what one rank hands to or receives from the
+    collective, not what goes over the wire (that depends on the algorithm, e.g. a ring all-reduce
+    sends about twice its payload).
+
+    Collectives issued from autograd backward hooks (FSDP2 reduce-scatters and re-gathers) are
+    counted, since dispatch modes are carried into the backward pass; so are the collectives that
+    DTensor ops lower to (the mode defers to DTensor). Counts are per process.
+
+    Attributes: ``count``, ``bytes``, ``by_op`` (op name such as ``"c10d._allgather_base_"`` ->
+    ``[count, bytes]``); ``reset()`` zeroes them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.bytes = 0
+        self.by_op: Dict[str, List[int]] = {}
+
+    def reset(self) -> None:
+        self.count = 0
+        self.bytes = 0
+        self.by_op = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return func(*args, **(kwargs or {}))
+        if any(issubclass(t, DTensor) for t in types):
+            # DTensor first: it lowers the op to plain-tensor ops and
+            # collectives (e.g. the all-reduce of a sharded gradient norm), which come back here.
+            return NotImplemented
+        out = func(*args, **(kwargs or {}))
+        if func.namespace not in ("c10d", "_c10d_functional"):
+            return out
+        name = func._opname
+        if name in _NOT_COMMUNICATION:
+            return out
+        if name in _BARRIERS:
+            payload = 0
+        else:
+            # One group per argument (a tensor or a list of them) plus the result: the largest is
+            # the input or the output side, never their sum.
+            groups = list(args) + list((kwargs or {}).values()) + [out]
+            payload = max(_tensor_bytes(g) for g in groups)
+        key = f"{func.namespace}.{name}"
+        entry = self.by_op.setdefault(key, [0, 0])
+        entry[0] += 1
+        entry[1] += payload
+        self.count += 1
+        self.bytes += payload
+        return out
+
+
+# Whether the last reset_peak_memory on CPU managed to reset the process peak RSS.
+_rss_reset = False
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window for ``device`` (see ``peak_memory``)."""
+    global _rss_reset
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        # Linux >= 4.0: "5" resets the process peak RSS (VmHWM) to the current RSS.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _rss_reset = True
+    except OSError:
+        _rss_reset = False
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak memory in bytes since the last ``reset_peak_memory(device)``.
+
+    CUDA: peak bytes allocated by PyTorch's caching allocator on ``device``. Any other device:
+    peak resident set size of the whole process (VmHWM); if ``/proc/self/clear_refs`` could not be
+    written (not Linux, some containers) that is the peak since the process started, and
+    ``peak_memory_kind`` says so.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kB elsewhere
+
+
+def peak_memory_kind(device: torch.device) -> str:
+    """What ``peak_memory(device)`` measures, as a metric-name suffix.
+
+    ``"cuda_max_allocated"``, ``"cpu_peak_rss"`` (since the last reset) or
+    ``"cpu_lifetime_peak_rss"`` (the reset was not possible, or never done).
+    """
+    if torch.device(device).type == "cuda":
+        return "cuda_max_allocated"
+    return "cpu_peak_rss" if _rss_reset else "cpu_lifetime_peak_rss"
+
+
+__all__ = ["CollectiveCounter", "peak_memory", "peak_memory_kind", "reset_peak_memory"]

@@ -107,6 +107,9 @@ class ComparativeFinetuneRecipeDistributed(FTRecipeInterface):
         self._ckpt = CheckpointManager(
             checkpointer, self._output_dir, keep_last=cfg.get("keep_last_checkpoints", 2)
         )
+        if self._is_rank_zero:
+            self._ckpt.remove_incomplete()  # left by a run killed while saving
+        dist.barrier()
         recipe_state = None
         if self._resume_from_checkpoint:
             checkpointer, recipe_state = resume_checkpointer(self._ckpt, checkpointer)

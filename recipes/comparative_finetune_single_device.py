@@ -80,6 +80,7 @@ class ComparativeFinetuneRecipeSingleDevice(FTRecipeInterface):
         self._ckpt = CheckpointManager(
             checkpointer, self._output_dir, keep_last=cfg.get("keep_last_checkpoints", 2)
         )
+        self._ckpt.remove_incomplete()  # left by a run killed while saving
         recipe_state = None
         if self._resume_from_checkpoint:
             checkpointer, recipe_state = resume_checkpointer(self._ckpt, checkpointer)

@@ -1,6 +1,5 @@
 """The comparative step: strategies agree, samples are keyed by id, edge cases are counted."""
 
-import copy
 
 import pytest
 import torch

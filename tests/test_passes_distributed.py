@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_passes import HIDDEN, PAD, make_batch, make_model
+from test_passes import HIDDEN, make_batch, make_model
 from comparative_recipe.ablation.hidden import install_hidden_ablation
 from comparative_recipe.passes import STRATEGIES, comparative_step
 

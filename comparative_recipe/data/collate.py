@@ -3,7 +3,7 @@
 The output is the ``Batch`` of ``docs/CONTRACT.md``.
 """
 
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping
 
 import torch
 from torch.nn.utils.rnn import pad_sequence

@@ -89,6 +89,23 @@ class CheckpointManager:
         """Writes ``best/`` (weights plus ``info``: step and validation metric) atomically."""
         return self._write(self.output_dir / "best", model_state, info)
 
+    def remove_incomplete(self) -> None:
+        """Cleans up after a run killed while saving: deletes staging directories and restores
+        a checkpoint that was swapped out (``.<name>.old``) but not yet replaced."""
+        for parent in (self.root, self.output_dir):
+            if not parent.is_dir():
+                continue
+            for p in parent.iterdir():
+                if not (p.is_dir() and p.name.startswith(".")):
+                    continue
+                if p.name.endswith(".old"):
+                    target = p.with_name(p.name[1 : -len(".old")])
+                    if not target.exists():
+                        os.replace(p, target)
+                        continue
+                if p.name.startswith((".step_", ".best.")):
+                    shutil.rmtree(p)
+
     def step_dirs(self) -> List[Path]:
         """Complete step checkpoints, oldest first."""
         if not self.root.is_dir():

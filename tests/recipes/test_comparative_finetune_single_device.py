@@ -2,118 +2,25 @@
 
 import json
 import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from comparative_recipe.data.demo import demo_tokenizer, needle_qa_records
-from comparative_recipe.models.tiny import init_tiny_llama_checkpoint
-
-REPO = Path(__file__).resolve().parents[2]
-RECIPE = REPO / "recipes" / "comparative_finetune_single_device.py"
-MODEL = dict(vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
-             intermediate_dim=64, max_seq_len=256)
+from recipe_helpers import (
+    MODEL,
+    base_config,
+    comparative_config,
+    instruct_source,
+    read_metrics,
+    run,
+    run_recipe,
+    write,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def run(args, cwd, check=True, timeout=300):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def read_metrics(log_dir):
-    """{step: {metric: value}} from torchtune's DiskLogger files."""
-    steps = {}
-    for path in sorted(Path(log_dir).glob("*.txt")):
-        for line in path.read_text().splitlines():
-            m = re.match(r"Step (\d+) \| (.*)", line)
-            if m:
-                entry = steps.setdefault(int(m.group(1)), {})
-                for kv in m.group(2).split():
-                    key, value = kv.split(":")
-                    entry[key] = float(value)
-    return steps
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tokenizer, a random tiny HF checkpoint and an instruct-style json file."""
-    root = tmp_path_factory.mktemp("assets")
-    demo_tokenizer(str(root / "sp.model"), vocab_size=512)
-    init_tiny_llama_checkpoint(root / "base", seed=0, **MODEL)
-    records = needle_qa_records(48, seed=1, n_paragraphs=3)
-    with open(root / "data.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps({"input": "\n\n".join(r["context"]) + "\n\n" + r["question"],
-                                "output": r["answer"]}) + "\n")
-    return root
-
-
-def base_config(assets, out, **overrides):
-    """The keys both our recipe and torchtune's full_finetune_single_device read."""
-    cfg = {
-        "output_dir": str(out),
-        "tokenizer": {"_component_": "comparative_recipe.data.demo.demo_tokenizer",
-                      "path": str(assets / "sp.model"), "max_seq_len": 256},
-        "model": {"_component_": "comparative_recipe.models.tiny.tiny_llama", **MODEL},
-        "checkpointer": {"_component_": "torchtune.training.FullModelHFCheckpointer",
-                         "checkpoint_dir": str(assets / "base"),
-                         "checkpoint_files": ["model.safetensors"],
-                         "model_type": "LLAMA3_2", "output_dir": str(out)},
-        "resume_from_checkpoint": False,
-        "seed": 0, "shuffle": True, "batch_size": 4, "epochs": 1, "max_steps_per_epoch": 6,
-        "gradient_accumulation_steps": 1, "clip_grad_norm": None,
-        "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-3, "fused": False},
-        "lr_scheduler": {"_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
-                         "num_warmup_steps": 2},
-        "device": "cpu", "dtype": "fp32", "compile": False,
-        "enable_activation_checkpointing": False,
-        "metric_logger": {"_component_": "torchtune.training.metric_logging.DiskLogger",
-                          "log_dir": str(out / "logs")},
-        "log_every_n_steps": 1,
-    }
-    cfg.update(overrides)
-    return cfg
-
-
-def instruct_source(assets):
-    return {"source": "json", "data_files": str(assets / "data.jsonl"), "split": "train",
-            "train_on_input": False}
-
-
-def comparative_config(assets, out, **overrides):
-    cfg = base_config(assets, out)
-    cfg.update({
-        "dataset": {"_component_": "comparative_recipe.data.datasets.comparative_dataset",
-                    "builder": "torchtune.datasets.instruct_dataset", **instruct_source(assets),
-                    "crop": {"chunking": "window", "window": 12}},
-        "task": "sft",
-        "loss": {"_component_": "comparative_recipe.loss.ComparativeLoss"},
-        "ablation": {"n_hidden": 1, "n_input": 1, "hidden": {"rate": 0.2}},
-        "strategy": "sequential",
-    })
-    cfg.update(overrides)
-    return cfg
-
-
-def write(cfg, path):
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def run_recipe(cfg, tmp_path, name="run", check=True):
-    path = write(cfg, tmp_path / f"{name}.yaml")
-    return run([sys.executable, str(RECIPE), "--config", str(path)], cwd=tmp_path, check=check)
 
 
 @pytest.mark.parametrize("batch_size,reduction", [(1, "sample"), (4, "token")])

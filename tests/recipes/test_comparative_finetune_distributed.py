@@ -1,6 +1,5 @@
 """End-to-end runs of the distributed recipe on 2 gloo ranks (torchrun, tiny model, CPU)."""
 
-import json
 import os
 import signal
 import socket
@@ -17,7 +16,6 @@ from recipe_helpers import (
     comparative_config,
     launch_distributed,
     read_metrics,
-    run,
     run_recipe,
     with_output_dir,
     write,

@@ -6,7 +6,7 @@ loss per sample and pass. A task turns a forward's logits and the (already shift
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,25 +36,85 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torc
     return torch.cat([labels[:, 1:], pad], dim=1)
 
 
-def per_sample_cross_entropy(
-    logits: Logits, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> TaskLosses:
-    """Mean token cross-entropy of each sample.
+def _bounds(length: int, num_chunks: int) -> List[Tuple[int, int]]:
+    """``num_chunks`` contiguous [start, end) ranges over ``length`` positions, sizes within 1."""
+    n = max(1, min(num_chunks, length))
+    edges = [length * i // n for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
-    logits: [B, S, V], or a list of [B, S_j, V] chunks along the sequence (torchtune's
-        ``set_num_output_chunks``), upcast to fp32 one chunk at a time so fp32 logits for the
-        whole batch are never materialised.
-    targets: [B, S] shifted labels, ``ignore_index`` where nothing is scored.
-    A sample without scored tokens gets loss 0 and n_tokens 0 (never NaN); callers exclude it.
+
+class _ChunkedTokenCE(torch.autograd.Function):
+    """[B, S, V] logits, [B, S] targets -> [B] sums of token cross-entropies (>= fp32).
+
+    Forward and backward go over the sequence one chunk at a time, upcasting only that chunk;
+    autograd keeps the logits in their own dtype, and the backward writes each chunk's gradient
+    (softmax - one-hot, times the row's incoming gradient) into one buffer: no fp32 copy of the
+    whole batch and no full-size zero tensor per chunk (what slicing then backward would cost).
     """
-    chunks = logits if isinstance(logits, (list, tuple)) else [logits]
-    target_chunks = targets.split([c.shape[1] for c in chunks], dim=1)
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, num_chunks):
+        ctx.save_for_backward(logits, targets)
+        ctx.ignore_index, ctx.num_chunks = ignore_index, num_chunks
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        total = logits.new_zeros(logits.shape[0], dtype=dtype)
+        for a, b in _bounds(logits.shape[1], num_chunks):
+            token_loss = F.cross_entropy(
+                logits[:, a:b].to(dtype).flatten(0, 1), targets[:, a:b].flatten(),
+                ignore_index=ignore_index, reduction="none",
+            )
+            total += token_loss.view(-1, b - a).sum(dim=1)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        logits, targets = ctx.saved_tensors
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        grad = torch.empty_like(logits)
+        for a, b in _bounds(logits.shape[1], ctx.num_chunks):
+            tgt = targets[:, a:b]
+            scored = tgt != ctx.ignore_index
+            g = torch.softmax(logits[:, a:b].to(dtype), dim=-1)
+            g.scatter_add_(-1, tgt.clamp(min=0).unsqueeze(-1), -scored.unsqueeze(-1).to(dtype))
+            g *= (grad_total[:, None] * scored).unsqueeze(-1)
+            grad[:, a:b] = g
+        return grad, None, None, None
+
+
+def per_sample_cross_entropy(
+    logits: Logits,
+    targets: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    *,
+    num_chunks: int = 8,
+) -> TaskLosses:
+    """Mean token cross-entropy of each sample, computed one sequence chunk at a time.
+
+    logits: [B, S, V] in any float dtype, or a list of [B, S_j, V] chunks along the sequence
+        (torchtune's ``set_num_output_chunks``; each chunk is then used whole).
+    targets: [B, S] shifted labels, ``ignore_index`` where nothing is scored.
+    num_chunks: a single tensor is processed in ``min(num_chunks, S)`` sequence chunks of
+        sizes within 1 of each other; 8 is torchtune's default.
+    Returns ``TaskLosses`` with loss [B] (fp32, or fp64 for fp64 logits) and n_tokens [B]. A
+    sample without scored tokens gets loss 0 and n_tokens 0 (never NaN); callers exclude it.
+
+    Memory: fp32 logits exist for one chunk at a time ([B, ceil(S / n), V]), in the forward and
+    in the backward; autograd saves only the logits in their own dtype (bf16 on GPU) and the
+    targets, where ``F.cross_entropy(logits.float())`` and torchtune's CEWithChunkedOutputLoss
+    keep fp32 log-probabilities for the whole [B, S, V].
+    """
+    if num_chunks < 1:
+        raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
+    if isinstance(logits, (list, tuple)):
+        pieces = [(c, 1) for c in logits]
+    else:
+        pieces = [(logits, num_chunks)]
+    target_pieces = targets.split([c.shape[1] for c, _ in pieces], dim=1)
     total = torch.zeros(targets.shape[0], dtype=torch.float32, device=targets.device)
-    for chunk, tgt in zip(chunks, target_chunks):
-        token_loss = F.cross_entropy(
-            chunk.float().flatten(0, 1), tgt.flatten(), ignore_index=ignore_index, reduction="none"
-        )
-        total = total + token_loss.view(tgt.shape).sum(dim=1)
+    for (chunk, n), tgt in zip(pieces, target_pieces):
+        if chunk.shape[1] > 0:
+            total = total + _ChunkedTokenCE.apply(chunk, tgt, ignore_index, n)
     n_tokens = (targets != ignore_index).sum(dim=1)
     return TaskLosses(loss=total / n_tokens.clamp(min=1), n_tokens=n_tokens)
 

@@ -1,4 +1,5 @@
-"""What an optimizer step costs: collectives issued and bytes moved, and peak memory.
+"""What an optimizer step costs: collectives issued and bytes moved, peak memory, and
+activation memory (bytes saved for backward).
 
 Used by the distributed (FSDP2) recipes to log per-step costs and by the benchmarks.
 """
@@ -142,4 +143,75 @@ def peak_memory_kind(device: torch.device) -> str:
     return "cpu_peak_rss" if _rss_reset else "cpu_lifetime_peak_rss"
 
 
-__all__ = ["CollectiveCounter", "peak_memory", "peak_memory_kind", "reset_peak_memory"]
+
+
+class _Saved:
+    """A tensor saved for backward, counted while the autograd graph holds it."""
+
+    __slots__ = ("tensor", "meter", "key")
+
+    def __init__(self, tensor: torch.Tensor, meter: "SavedTensorMeter", key: Any):
+        self.tensor, self.meter, self.key = tensor, meter, key
+
+    def __del__(self) -> None:
+        if self.key is not None:
+            self.meter._release(self.key)
+
+
+class SavedTensorMeter:
+    """Activation memory: bytes of the tensors autograd saves for backward, live and peak.
+
+    While active (``with meter:``), every tensor an op saves for backward is counted from when it
+    is saved until the graph that holds it is freed (after its backward, or when dropped).
+    Storages are counted once however many saved views share them, and ``exclude`` storages
+    (the parameters, by default none) are not counted: a weight saved by a matmul is not
+    activation memory. Works on any device; with activation checkpointing only what the
+    checkpoint keeps (the layer inputs) is saved, which is the point of checkpointing.
+
+    Attributes: ``live`` (bytes now), ``peak`` (max of ``live`` since ``reset()``).
+    """
+
+    def __init__(self, exclude: Any = ()) -> None:
+        self._excluded = {p.untyped_storage().data_ptr() for p in exclude}
+        self._refs: Dict[Any, List[int]] = {}  # storage key -> [saved count, bytes]
+        self.live = 0
+        self.peak = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def reset(self) -> None:
+        self.peak = self.live
+
+    def _pack(self, t: torch.Tensor) -> _Saved:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr == 0 or ptr in self._excluded:
+            return _Saved(t, self, None)
+        key = (t.device, ptr)
+        entry = self._refs.get(key)
+        if entry is None:
+            entry = self._refs[key] = [0, storage.nbytes()]
+            self.live += entry[1]
+            self.peak = max(self.peak, self.live)
+        entry[0] += 1
+        return _Saved(t, self, key)
+
+    @staticmethod
+    def _unpack(saved: _Saved) -> torch.Tensor:
+        return saved.tensor
+
+    def _release(self, key: Any) -> None:
+        entry = self._refs[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self._refs[key]
+
+    def __enter__(self) -> "SavedTensorMeter":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+
+
+__all__ = ["CollectiveCounter", "SavedTensorMeter", "peak_memory", "peak_memory_kind", "reset_peak_memory"]

@@ -12,6 +12,7 @@ import torch.distributed._functional_collectives as funcol
 
 from comparative_recipe.training.costs import (
     CollectiveCounter,
+    SavedTensorMeter,
     peak_memory,
     peak_memory_kind,
     reset_peak_memory,
@@ -208,3 +209,38 @@ def test_cpu_peak_memory_sees_a_200mb_tensor_and_resets():
 def test_peak_memory_kind_names_the_measure():
     assert peak_memory_kind(torch.device("cuda")) == "cuda_max_allocated"
     assert peak_memory_kind(torch.device("cpu")) in ("cpu_peak_rss", "cpu_lifetime_peak_rss")
+
+
+def test_saved_tensor_meter_counts_saved_storages_once_until_backward_frees_them():
+    x = torch.randn(1000, requires_grad=True)
+    meter = SavedTensorMeter()
+    with meter:
+        y = x.exp()  # saves its output: 4000 bytes
+        z = y.sin()  # saves its input, the same storage: counted once
+        assert meter.live == 4000
+        w = (z * 3.0).sum()  # a scalar factor saves no tensor
+    assert meter.live == 4000
+    w.backward()
+    assert meter.live == 0 and meter.peak == 4000
+
+
+def test_saved_tensor_meter_excludes_parameters_and_sees_graphs_overlap():
+    model = torch.nn.Linear(100, 100, bias=False)
+    x = torch.randn(8, 100)
+    meter = SavedTensorMeter(exclude=model.parameters())
+    with meter:
+        # x does not require grad: linear saves x (for the weight's gradient) only
+        loss_a = model(x).square().sum()  # square saves its input: 8 x 100 floats
+    assert meter.live == 2 * 8 * 100 * 4
+    with meter:
+        loss_b = model(x).square().sum()
+    # both graphs alive (sequential); x is saved by both but held once
+    assert meter.peak == 3 * 8 * 100 * 4
+    (loss_a + loss_b).backward()
+    assert meter.live == 0
+    meter.reset()
+    for _ in range(2):  # one graph at a time: recompute
+        with meter:
+            loss = model(x).square().sum()
+        loss.backward()
+    assert meter.peak == 2 * 8 * 100 * 4

@@ -54,7 +54,7 @@ MODELS = {
     # the demo's model
     "tiny": dict(vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=128,
                  intermediate_dim=256, max_seq_len=4096),
-    # ~29M parameters
+    # 28M parameters
     "small": dict(vocab_size=8192, num_layers=8, num_heads=8, num_kv_heads=4, embed_dim=512,
                   intermediate_dim=1408, max_seq_len=1024),
 }

@@ -118,7 +118,8 @@ def metrics_from_sums(sums: torch.Tensor, with_accuracy: bool = False) -> Dict[s
 
     ``loss`` is the objective the step optimised (weighted mean of per-sample losses);
     ``cmp_loss``, ``violation_rate``, ``loss_k`` and ``accuracy_k`` are means over valid samples;
-    ``excluded_samples``, ``crop_exhausted_k``, ``tokens`` and ``pass_tokens_k`` are counts.
+    ``samples`` (valid), ``excluded_samples``, ``crop_exhausted_k``, ``tokens`` and
+    ``pass_tokens_k`` are counts.
     """
     values = sums.tolist()
     head = dict(zip(_SUM_FIELDS, values))
@@ -132,6 +133,7 @@ def metrics_from_sums(sums: torch.Tensor, with_accuracy: bool = False) -> Dict[s
         "loss": head["weighted_loss"] / max(head["weight"], 1e-12),
         "cmp_loss": head["cmp_loss"] / n,
         "violation_rate": head["violations"] / n,
+        "samples": head["valid"],
         "excluded_samples": head["excluded"],
         "tokens": head["tokens"],
     }

@@ -7,12 +7,14 @@ from torch import nn
 from torchtune import utils
 
 from comparative_recipe.ablation.plan import AblationLevel
-from comparative_recipe.loss import ComparativeLoss, violation_rate
-from comparative_recipe.passes import comparative_step
+from comparative_recipe.loss import ComparativeLoss
+from comparative_recipe.passes import comparative_step, metrics_from_sums
 
 # Views and masks of validation batches use this step key, so every validation sees the same
 # ablated inputs and the numbers are comparable across a run.
 VALIDATION_STEP_KEY = -1
+# What validation reports of the step metrics (``metrics_from_sums``), prefixed with ``val_``.
+_VALIDATION_METRICS = ("loss_", "accuracy_", "cmp_loss", "violation_rate", "samples")
 
 
 @torch.no_grad()
@@ -37,10 +39,7 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    n_pass = len(plan) + 1
-    # [losses per pass | accuracy per pass | cmp loss | violation rate | samples]
-    sums = torch.zeros(2 * n_pass + 3, dtype=torch.float64, device=device)
-    has_accuracy = False
+    sums, has_accuracy = None, False
     for batch in batches:
         utils.batch_to_device(batch, device)
         res = comparative_step(
@@ -48,21 +47,11 @@ def evaluate(
             crop_rate=crop_rate, seed=seed, step=VALIDATION_STEP_KEY, pad_id=pad_id,
             backward=False,
         )
-        v = res.valid
-        sums[:n_pass] += res.losses[v].sum(dim=0).double()
-        if res.correct is not None:
-            has_accuracy = True
-            sums[n_pass : 2 * n_pass] += res.correct[v].sum(dim=0).double()
-        sums[-3] += res.sample_loss[v].sum().double()
-        sums[-2] += violation_rate(res.losses[v]).sum().double()
-        sums[-1] += v.sum()
-    sums = reduce_sums(sums)
+        has_accuracy = res.correct is not None
+        sums = res.sums() if sums is None else sums + res.sums()
     model.train(was_training)
-    n = max(float(sums[-1]), 1.0)
-    out = {f"val_loss_{k}": float(sums[k]) / n for k in range(n_pass)}
-    if has_accuracy:
-        out.update({f"val_accuracy_{k}": float(sums[n_pass + k]) / n for k in range(n_pass)})
-    out["val_cmp_loss"] = float(sums[-3]) / n
-    out["val_violation_rate"] = float(sums[-2]) / n
-    out["val_samples"] = float(sums[-1])
-    return out
+    if sums is None:
+        raise ValueError("the validation dataset is empty: add samples or remove `validation`")
+    sums = reduce_sums(sums)
+    metrics = metrics_from_sums(sums, with_accuracy=has_accuracy)
+    return {f"val_{k}": v for k, v in metrics.items() if k.startswith(_VALIDATION_METRICS)}

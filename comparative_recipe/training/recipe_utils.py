@@ -12,7 +12,6 @@ from torchtune import config, training
 from torchtune.training import FullModelHFCheckpointer
 
 from comparative_recipe.passes import metrics_from_sums
-
 from comparative_recipe.training.checkpointing import (
     CheckpointManager,
     load_recipe_state,

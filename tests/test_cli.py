@@ -250,8 +250,11 @@ def test_run_without_config_reports_tune_cmp_usage(monkeypatch, capsys):
 def test_torchrun_flags_launch_a_distributed_plugin_recipe(tmp_path, monkeypatch, capfd):
     script = touch(
         tmp_path / "recipes" / "echo_distributed.py",
-        "import os, sys\n"
-        "print('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'], sys.argv[1:])\n",
+        # One file per rank: two ranks printing to one pipe interleave their characters.
+        "import os, pathlib, sys\n"
+        "rank = os.environ['RANK']\n"
+        "line = f\"rank {rank} of {os.environ['WORLD_SIZE']} {sys.argv[1:]}\"\n"
+        "pathlib.Path(f'rank{rank}.txt').write_text(line)\n",
     )
     config = touch(tmp_path / "configs" / "demo" / "echo.yaml", "a: 1\n")
     ours = cli.plugin_recipes(tmp_path / "recipes", tmp_path / "configs")
@@ -260,7 +263,7 @@ def test_torchrun_flags_launch_a_distributed_plugin_recipe(tmp_path, monkeypatch
     # torchrun sets OMP_NUM_THREADS in its own process if unset; keep that out of later tests.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
-    code, out, _ = run_main_in_process(
+    code, _, _ = run_main_in_process(
         ["run", "--nproc_per_node", "2", "echo_distributed", "--config", "demo/echo", "k=v"],
         monkeypatch,
         capfd,
@@ -269,7 +272,8 @@ def test_torchrun_flags_launch_a_distributed_plugin_recipe(tmp_path, monkeypatch
     assert code == 0
     assert ours[0].file_path == str(script.resolve())
     for rank in (0, 1):
-        assert f"rank {rank} of 2 ['--config', '{config.resolve()}', 'k=v']" in out
+        line = (tmp_path / f"rank{rank}.txt").read_text()
+        assert line == f"rank {rank} of 2 ['--config', '{config.resolve()}', 'k=v']"
 
 
 # ---------------------------------------------------------------- end to end (slow)

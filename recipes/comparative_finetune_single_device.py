@@ -26,17 +26,15 @@ from comparative_recipe.ablation.hidden import install_hidden_ablation, set_acti
 from comparative_recipe.data.collate import collate_padding_idx
 from comparative_recipe.data.datasets import validate_vocab
 from comparative_recipe.passes import comparative_step, merge_results
-from comparative_recipe.tasks import build_task
 from comparative_recipe.training.checkpointing import CheckpointManager
 from comparative_recipe.training.costs import peak_memory, reset_peak_memory
-from comparative_recipe.training.dataloader import build_dataloader, build_eval_dataloader
 from comparative_recipe.training.evaluate import evaluate
 from comparative_recipe.training.recipe_utils import (
     TrainingProgress,
-    check_dataset_supports_crops,
     instantiate_checkpointer,
     optimizer_step,
     resume_checkpointer,
+    setup_data,
     step_metrics,
     steps_per_epoch,
     summarise_validation,
@@ -95,21 +93,11 @@ class ComparativeFinetuneRecipeSingleDevice(FTRecipeInterface):
         self._loss_fn = config.instantiate(cfg.loss)
         self._loss_fn.check_num_ablations(self.settings.num_ablations)
 
-        dataset = config.instantiate(cfg.dataset, self._tokenizer)
-        if self.settings.uses_crops:
-            check_dataset_supports_crops(dataset)
-        self._task = build_task(cfg.get("task", "sft"), dataset)
-        self._dataloader = build_dataloader(
-            dataset, batch_size=cfg.batch_size, shuffle=cfg.shuffle, pad_id=self._pad_id
+        self._task, self._dataloader, self._val_dataloader = setup_data(
+            cfg, self._tokenizer, settings=self.settings, pad_id=self._pad_id,
+            seed=self.progress.seed,
         )
         self._val = cfg.get("validation", None)
-        self._val_dataloader = None
-        if self._val is not None:
-            val_dataset = config.instantiate(self._val.dataset, self._tokenizer)
-            self._val_dataloader = build_eval_dataloader(
-                val_dataset, batch_size=self._val.get("batch_size", cfg.batch_size),
-                pad_id=self._pad_id,
-            )
 
         self._steps_per_epoch = steps_per_epoch(
             len(self._dataloader), self._gradient_accumulation_steps, self.max_steps_per_epoch

@@ -1,22 +1,26 @@
-"""Pieces both comparative recipes share: checkpointer, resume, progress, data checks, the
-optimizer step and the logged metrics."""
+"""Pieces both comparative recipes share: checkpointer, resume, progress, data setup and checks,
+the optimizer step and the logged metrics."""
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchtune import config, training
 from torchtune.training import FullModelHFCheckpointer
 
 from comparative_recipe.passes import metrics_from_sums
+from comparative_recipe.tasks import build_task
 from comparative_recipe.training.checkpointing import (
     CheckpointManager,
     load_recipe_state,
     weight_files,
 )
+from comparative_recipe.training.dataloader import build_dataloader, build_eval_dataloader
+from comparative_recipe.training.settings import ComparativeSettings
 
 # How many samples the data checks look at before training starts.
 _PROBE_SAMPLES = 64
@@ -66,6 +70,49 @@ def check_dataset_supports_crops(dataset) -> None:
         "the protected spans (protect_leading/protect_trailing) must leave some context; "
         "or set ablation.n_input: 0"
     )
+
+
+class RecipeData(NamedTuple):
+    """What a recipe trains and validates on: the task, this rank's training batches and its
+    share of the validation set (None without ``validation``)."""
+
+    task: Any
+    dataloader: StatefulDataLoader
+    val_dataloader: Optional[StatefulDataLoader]
+
+
+def setup_data(
+    cfg: DictConfig,
+    tokenizer: Any,
+    *,
+    settings: ComparativeSettings,
+    pad_id: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> RecipeData:
+    """The configured datasets, checked, with their task and dataloaders.
+
+    ``seed`` (the run's) shuffles the training order, so a run on one device and one on N ranks
+    see the same samples in each global batch.
+    """
+    dataset = config.instantiate(cfg.dataset, tokenizer)
+    if settings.uses_crops:
+        check_dataset_supports_crops(dataset)
+    task = build_task(cfg.get("task", "sft"), dataset)
+    dataloader = build_dataloader(
+        dataset, batch_size=cfg.batch_size, shuffle=cfg.shuffle, pad_id=pad_id,
+        seed=seed, rank=rank, world_size=world_size,
+    )
+    val_dataloader = None
+    val_cfg = cfg.get("validation", None)
+    if val_cfg is not None:
+        val_dataloader = build_eval_dataloader(
+            config.instantiate(val_cfg.dataset, tokenizer),
+            batch_size=val_cfg.get("batch_size", cfg.batch_size),
+            pad_id=pad_id, rank=rank, world_size=world_size,
+        )
+    return RecipeData(task, dataloader, val_dataloader)
 
 
 def summarise_validation(metrics: Dict[str, float], step: int) -> str:

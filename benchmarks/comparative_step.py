@@ -13,7 +13,12 @@ small model; ``long`` (batch 2 x 3072 tokens on the tiny model, input-chunk abla
 levels plus one hidden step, c = 3).
 
 Step time is one optimizer step (the comparative step's forwards and backward, then AdamW), timed
-interleaved: every repetition runs each variant once, in rotating order, after warm-up. The ideal
+interleaved: every repetition runs each variant once, in rotating order, after warm-up. The timing
+process keeps freed memory for reuse (glibc without mmap for large blocks and without trimming), as
+PyTorch's caching allocator does on CUDA: with glibc's defaults a step that holds (1+c) passes of
+activations hands them back to the kernel and page-faults them in again on every step (about
+190,000 minor faults and 15-25% of a ``small`` comparative step), a cost of the CPU allocator, not of
+the passes; ``--system-malloc`` measures with the defaults. The ideal
 is plain fine-tuning's step time x sum_k tokens_k / tokens_0 (the passes' arithmetic alone); for
 ``recompute`` plus one gradient-free forward per pass. Activation memory is the peak of bytes saved
 for backward (``SavedTensorMeter``); peak RSS is the process's resident-set high-water mark during
@@ -23,6 +28,7 @@ other variants' models do not count. Collectives and bytes are counted on 2 gloo
 """
 
 import argparse
+import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -133,6 +139,17 @@ class Runner:
         """The full view's forward and loss without gradient (recompute's extra work per pass)."""
         comparative_step(self.model, self.batch, plan=[], task=SFTTask(),
                          loss_fn=ComparativeLoss(), backward=False)
+
+
+def retain_freed_memory() -> bool:
+    """Makes this process's glibc malloc keep freed memory for reuse: no mmap for large blocks
+    (they would be unmapped on free) and no trimming of the heap. False where that is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def time_variants(model_name: str, s: Scenario, warmup: int, steps: int) -> Dict[str, Dict]:
@@ -327,6 +344,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="measured repetitions (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-collectives", action="store_true", help="skip the 2-rank gloo counts")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="time with glibc's default malloc settings (freed memory returned to the "
+                        "kernel and faulted in again every step)")
     p.add_argument("--json", default="benchmarks/results/comparative_step.json",
                    help="where to write the results (default %(default)s)")
     args = p.parse_args(argv)
@@ -338,6 +358,9 @@ def main(argv=None) -> int:
     # takes tens of seconds on a CPU)
     cases = [(m, s) for m in args.models for s in args.scenarios if s == "short" or m == "tiny"]
     info = machine()
+    # Only the timing (this process); the memory figures come from fresh processes with defaults.
+    retained = not args.system_malloc and retain_freed_memory()
+    info["timing_allocator"] = "glibc, freed memory retained" if retained else "system default"
     print(f"machine: {info}", flush=True)
 
     collectives = {}

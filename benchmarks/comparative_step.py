@@ -1,6 +1,6 @@
 """What a comparative training step costs, side by side with plain fine-tuning.
 
-    python benchmarks/comparative_step.py                 # the README table (a few minutes on 2 cores)
+    python benchmarks/comparative_step.py                 # the README table (~11 min on 2 cores)
     python benchmarks/comparative_step.py --help
 
 One invocation measures, for each (model, scenario):
@@ -13,7 +13,8 @@ small model; ``long`` (batch 2 x 3072 tokens on the tiny model, input-chunk abla
 levels plus one hidden step, c = 3).
 
 Step time is one optimizer step (the comparative step's forwards and backward, then AdamW), timed
-interleaved: every repetition runs each variant once, in rotating order, after warm-up. The timing
+interleaved: every repetition runs each variant once, in rotating order, after warm-up, at least
+``--steps`` times and until the measured repetitions took ``--min-seconds``. The timing
 process keeps freed memory for reuse (glibc without mmap for large blocks and without trimming), as
 PyTorch's caching allocator does on CUDA: with glibc's defaults a step that holds (1+c) passes of
 activations hands them back to the kernel and page-faults them in again on every step (about
@@ -152,11 +153,18 @@ def retain_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def time_variants(model_name: str, s: Scenario, warmup: int, steps: int) -> Dict[str, Dict]:
+def time_variants(
+    model_name: str, s: Scenario, warmup: int, steps: int, min_seconds: float
+) -> Dict[str, Dict]:
+    """Step times of every variant: at least ``steps`` measured repetitions, and more until the
+    measured ones took ``min_seconds`` (a 0.1 s step needs many to show its median)."""
     runners = {v: Runner(model_name, s, v) for v in VARIANTS}
     times = {v: [] for v in (*VARIANTS, "forward")}
     tokens = {}
-    for rep in range(warmup + steps):
+    rep, started = 0, None
+    while rep < warmup + steps or time.perf_counter() - started < min_seconds:
+        if rep == warmup:
+            started = time.perf_counter()
         order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[: rep % len(VARIANTS)]
         for v in order:
             t0 = time.perf_counter()
@@ -169,6 +177,7 @@ def time_variants(model_name: str, s: Scenario, warmup: int, steps: int) -> Dict
         runners["plain"].forward_only()
         if rep >= warmup:
             times["forward"].append(time.perf_counter() - t0)
+        rep += 1
     return {"times": times, "tokens": tokens}
 
 
@@ -253,6 +262,7 @@ def summarise(model_name, s, timing, memory, collectives) -> List[Dict]:
             "c": len(s.plan(v)), "pass_tokens": tokens,
             "step_ms": 1e3 * median, "step_ms_iqr": 1e3 * (q[2] - q[0]),
             "step_ms_min": 1e3 * min(t[v]), "step_ms_max": 1e3 * max(t[v]),
+            "measured_steps": len(t[v]),
             "tokens_per_s": tokens[0] / median,
             "x_plain": median / plain, "ideal_ms": 1e3 * ideal, "x_ideal": median / ideal,
             "saved_mb": mem["saved_bytes"] / 2**20,
@@ -271,6 +281,7 @@ def summarise(model_name, s, timing, memory, collectives) -> List[Dict]:
 COLUMNS = [
     ("model", "model", "{}"), ("scenario", "scenario", "{}"), ("variant", "variant", "{}"),
     ("c", "c", "{}"), ("step_ms", "step ms", "{:.0f}"), ("step_ms_iqr", "IQR ms", "{:.0f}"),
+    ("measured_steps", "n", "{}"),
     ("tokens_per_s", "tokens/s", "{:.0f}"), ("x_plain", "x plain", "{:.2f}"),
     ("x_ideal", "x ideal", "{:.2f}"), ("saved_mb", "saved MB", "{:.1f}"),
     ("saved_x_plain", "x plain", "{:.2f}"), ("rss_growth_mb", "RSS+ MB", "{:.0f}"),
@@ -341,7 +352,11 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["tiny", "small"], choices=sorted(MODELS))
     p.add_argument("--scenarios", nargs="+", default=["short", "long"], choices=sorted(SCENARIOS))
     p.add_argument("--warmup", type=int, default=2, help="unmeasured repetitions (default 2)")
-    p.add_argument("--steps", type=int, default=5, help="measured repetitions (default 5)")
+    p.add_argument("--steps", type=int, default=5,
+                   help="measured repetitions, at least (default 5)")
+    p.add_argument("--min-seconds", type=float, default=20.0,
+                   help="repeat until the measured repetitions of a case took this long "
+                        "(default 20)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-collectives", action="store_true", help="skip the 2-rank gloo counts")
     p.add_argument("--system-malloc", action="store_true",
@@ -375,7 +390,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         with ctx.Pool(1, maxtasksperchild=1) as pool:
             memory = {v: pool.apply(memory_of, (m, s, v)) for v in VARIANTS}
-        timing = time_variants(m, SCENARIOS[s], args.warmup, args.steps)
+        timing = time_variants(m, SCENARIOS[s], args.warmup, args.steps, args.min_seconds)
         rows += summarise(m, SCENARIOS[s], timing, memory, collectives)
         if SCENARIOS[s].n_input:
             per_pass += pass_costs(m, SCENARIOS[s], args.warmup, args.steps)
@@ -396,7 +411,8 @@ def main(argv=None) -> int:
         print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"machine": info, "warmup": args.warmup, "steps": args.steps, "rows": rows,
+        json.dump({"machine": info, "warmup": args.warmup, "steps": args.steps,
+                   "min_seconds": args.min_seconds, "rows": rows,
                    "per_pass": per_pass, "targets": targets}, f, indent=1)
     print(f"\nwrote {args.json}")
     return 0

@@ -39,12 +39,13 @@ def test_per_sample_ce_halves_saved_memory_and_upcasts_one_chunk(tmp_path):
 def test_comparative_step_table_and_memory_ordering(tmp_path):
     out = tmp_path / "steps.json"
     stdout = run("comparative_step.py", "--models", "tiny", "--scenarios", "short", "--warmup", "0",
-                 "--steps", "1", "--no-collectives", "--json", str(out), cwd=tmp_path)
+                 "--steps", "1", "--min-seconds", "0", "--no-collectives", "--json", str(out), cwd=tmp_path)
     assert "| tiny | short | recompute |" in stdout
     result = json.loads(out.read_text())
     rows = {r["variant"]: r for r in result["rows"]}
     assert sorted(rows) == ["plain", "recompute", "sequential", "stacked"]
     assert rows["plain"]["x_plain"] == 1.0 and rows["sequential"]["c"] == 2
+    assert rows["plain"]["measured_steps"] == 1
     # hidden ablation keeps every token: each pass processes the full view
     assert rows["stacked"]["pass_tokens"] == [rows["plain"]["pass_tokens"][0]] * 3
     # activation memory: the reference keeps (1+c) graphs, recompute one

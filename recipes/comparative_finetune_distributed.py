@@ -266,8 +266,7 @@ class ComparativeFinetuneRecipeDistributed(FTRecipeInterface):
                         grad_scale=self.world_size / sums[0].clamp(min=1.0),
                         clip_grad_norm=self._clip_grad_norm,
                     )
-                progress.global_step += 1
-                progress.steps_into_epoch += 1
+                progress.finish_step()
 
                 metrics = step_metrics(
                     sums, with_accuracy=self._task.has_accuracy,
@@ -284,24 +283,20 @@ class ComparativeFinetuneRecipeDistributed(FTRecipeInterface):
                     f"{curr_epoch + 1}|{progress.global_step}|cmp_loss: {metrics['cmp_loss']:.4f}"
                     f" loss_0: {metrics['loss_0']:.4f}"
                 )
-                if self._is_rank_zero and progress.global_step % self._log_every_n_steps == 0:
+                if self._is_rank_zero and progress.due(self._log_every_n_steps):
                     self._metric_logger.log_dict(metrics, step=progress.global_step)
 
-                epoch_done = progress.steps_into_epoch >= self._steps_per_epoch
-                if val_every and progress.global_step % val_every == 0:
+                if progress.due(val_every):
                     self.validate()
-                if epoch_done:
-                    break
-                if self._save_every_n_steps and progress.global_step % self._save_every_n_steps == 0:
+                if progress.steps_into_epoch >= self._steps_per_epoch:
+                    break  # the epoch's end validates (unless just done) and saves
+                if progress.due(self._save_every_n_steps):
                     self.save_checkpoint()
                 results, t0 = [], time.perf_counter()
                 reset_peak_memory(self._device)
             pbar.close()
-            progress.epochs_run += 1
-            progress.steps_into_epoch = 0
-            if self._val_dataloader is not None and not (
-                val_every and progress.global_step % val_every == 0
-            ):
+            progress.finish_epoch()
+            if self._val_dataloader is not None and not progress.due(val_every):
                 self.validate()
             self.save_checkpoint()
 

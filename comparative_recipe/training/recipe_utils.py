@@ -152,6 +152,20 @@ class TrainingProgress:
         self.steps_into_epoch = state["steps_into_epoch"]
         self.best = state.get("best")
 
+    def finish_step(self) -> None:
+        """An optimizer step is done."""
+        self.global_step += 1
+        self.steps_into_epoch += 1
+
+    def finish_epoch(self) -> None:
+        self.epochs_run += 1
+        self.steps_into_epoch = 0
+
+    def due(self, every_n_steps: Optional[int]) -> bool:
+        """Whether something done every ``every_n_steps`` optimizer steps (None or 0: never) is
+        due after the current step."""
+        return bool(every_n_steps) and self.global_step % every_n_steps == 0
+
     def improves(self, metrics: Dict[str, float], name: str) -> bool:
         """Records ``metrics[name]`` as the best if it is (accuracies higher, losses lower)."""
         if name not in metrics:

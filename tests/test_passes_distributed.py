@@ -9,18 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_passes import HIDDEN, make_batch, make_model
+from tests.test_passes import HIDDEN, make_batch, make_model
 from comparative_recipe.ablation.hidden import install_hidden_ablation
 from comparative_recipe.passes import STRATEGIES, comparative_step
 
-WORKER = Path(__file__).parent / "workers" / "fsdp_strategy_grads.py"
+REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
 def reference():
     """Plain model, one process, the whole 8-sample batch, sequential, no checkpointing."""
-    sys.path.insert(0, str(WORKER.parent))
-    from fsdp_strategy_grads import BATCH, STEP_KW
+    from tests.workers.fsdp_strategy_grads import BATCH, STEP_KW
 
     model = make_model()
     install_hidden_ablation(model, HIDDEN)
@@ -34,8 +33,9 @@ def reference():
 def test_every_strategy_with_and_without_ac_matches_the_reference(tmp_path, world_size):
     out = tmp_path / "grads.pt"
     proc = subprocess.run(
-        [TORCHRUN, "--standalone", f"--nproc_per_node={world_size}", str(WORKER), str(out)],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        [TORCHRUN, "--standalone", f"--nproc_per_node={world_size}", "-m", "tests.workers.fsdp_strategy_grads",
+         str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     found = torch.load(out)

@@ -6,7 +6,7 @@ import pytest
 
 from comparative_recipe.data.demo import demo_tokenizer, needle_qa_records
 from comparative_recipe.models.tiny import init_tiny_llama_checkpoint
-from recipe_helpers import MODEL
+from tests.recipes.recipe_helpers import MODEL
 
 
 @pytest.fixture(scope="session")

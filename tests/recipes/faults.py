@@ -1,5 +1,5 @@
 """A dataset that fails on one rank after some reads: for the failing-rank test (a config
-component; the test puts this folder on PYTHONPATH)."""
+component; the test puts the repository root on PYTHONPATH)."""
 
 import os
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipe_helpers import (
+from tests.recipes.recipe_helpers import (
     comparative_config,
     launch_distributed,
     read_metrics,
@@ -190,11 +190,11 @@ def test_sigkill_then_resume_continues_the_same_curve(assets, tmp_path, two_rank
 
 def test_a_failing_rank_fails_the_job_with_its_error(assets, tmp_path):
     cfg = comparative_config(assets, tmp_path / "out", batch_size=4)
-    cfg["dataset"] = dict(cfg["dataset"], _component_="faults.failing_dataset", fail_rank=1, after=10)
+    cfg["dataset"] = dict(cfg["dataset"], _component_="tests.recipes.faults.failing_dataset", fail_rank=1, after=10)
     cfg["distributed_timeout_minutes"] = 10
     start = time.time()
     proc = launch_distributed(cfg, tmp_path, "failing", nproc=2, check=False,
-                              PYTHONPATH=str(Path(__file__).parent))
+                              PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     assert proc.returncode != 0
     assert "injected data failure on rank 1" in proc.stderr
     assert "rank      : 1" in proc.stderr  # torchrun's summary names the failing rank

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipe_helpers import (
+from tests.recipes.recipe_helpers import (
     MODEL,
     base_config,
     comparative_config,

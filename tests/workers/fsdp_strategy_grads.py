@@ -1,7 +1,7 @@
 """torchrun worker: gradients of every pass strategy, with and without activation checkpointing,
 on a tiny model sharded with FSDP2 over the launched ranks (gloo on CPU).
 
-    torchrun --nproc_per_node W fsdp_strategy_grads.py OUT.pt
+    torchrun --nproc_per_node W -m tests.workers.fsdp_strategy_grads OUT.pt   (from the repo root)
 
 Each rank takes rows ``rank::W`` of the same 8-sample batch; gradients are normalised globally
 (FSDP averages over ranks; ``* W / global weight``) as the distributed recipe does. Rank 0 saves
@@ -9,21 +9,19 @@ Each rank takes rows ``rank::W`` of the same 8-sample batch; gradients are norma
 """
 
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torchtune import training
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_passes import HIDDEN, PAD, make_batch, make_model  # noqa: E402
+from tests.test_passes import HIDDEN, PAD, make_batch, make_model
 
-from comparative_recipe.ablation.hidden import install_hidden_ablation  # noqa: E402
-from comparative_recipe.ablation.plan import ablation_plan  # noqa: E402
-from comparative_recipe.loss import ComparativeLoss  # noqa: E402
-from comparative_recipe.passes import STRATEGIES, comparative_step  # noqa: E402
-from comparative_recipe.tasks import SFTTask  # noqa: E402
-from comparative_recipe.training.distributed import all_reduce_sum, shard_model  # noqa: E402
+from comparative_recipe.ablation.hidden import install_hidden_ablation
+from comparative_recipe.ablation.plan import ablation_plan
+from comparative_recipe.loss import ComparativeLoss
+from comparative_recipe.passes import STRATEGIES, comparative_step
+from comparative_recipe.tasks import SFTTask
+from comparative_recipe.training.distributed import all_reduce_sum, shard_model
 
 BATCH = dict(batch_size=8, seq=40)
 STEP_KW = dict(plan=ablation_plan(n_hidden=1, n_input=1), task=SFTTask(), loss_fn=ComparativeLoss(),

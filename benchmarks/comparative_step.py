@@ -47,15 +47,16 @@ from comparative_recipe.ablation.hidden import HiddenAblationConfig, install_hid
 from comparative_recipe.ablation.plan import AblationLevel, ablation_plan
 from comparative_recipe.loss import ComparativeLoss
 from comparative_recipe.models.tiny import init_tiny_llama
-from comparative_recipe.passes import build_passes, comparative_step, merge_results, run_pass
+from comparative_recipe.passes import ComparativeStepSpec, build_passes, comparative_step, run_pass
 from comparative_recipe.tasks import SFTTask
+from comparative_recipe.training.distributed import all_reduce_sum
 from comparative_recipe.training.costs import (
     CollectiveCounter,
     SavedTensorMeter,
     peak_memory,
     reset_peak_memory,
 )
-from comparative_recipe.training.recipe_utils import optimizer_step
+from comparative_recipe.training.trainer import optimizer_step
 
 MODELS = {
     # the demo's model
@@ -110,6 +111,10 @@ class Runner:
 
     def __init__(self, model_name: str, s: Scenario, variant: str, shard: bool = False):
         self.s, self.variant, self.plan = s, variant, s.plan(variant)
+        self.spec = ComparativeStepSpec(
+            plan=self.plan, task=SFTTask(), loss_fn=ComparativeLoss(),
+            strategy="sequential" if variant == "plain" else variant, crop_rate=s.crop_rate,
+        )
         self.model = init_tiny_llama(seed=0, **MODELS[model_name])
         if shard:
             from comparative_recipe.training.distributed import shard_model
@@ -123,23 +128,20 @@ class Runner:
         self.sync = self.model.set_requires_gradient_sync if shard else None
 
     def step(self, k: int):
-        res = comparative_step(
-            self.model, self.batch, plan=self.plan, task=SFTTask(), loss_fn=ComparativeLoss(),
-            strategy="sequential" if self.variant == "plain" else self.variant,
-            crop_rate=self.s.crop_rate, seed=0, step=k, set_grad_sync=self.sync,
-        )
-        sums = merge_results([res]).sums()
+        res = comparative_step(self.model, self.batch, self.spec, step=k, set_grad_sync=self.sync)
+        sums = res.sums()
         if self.world_size > 1:
-            torch.distributed.all_reduce(sums)
+            sums = sums.reduced(all_reduce_sum)
         optimizer_step(self.model, self.optimizer, None,
-                       grad_scale=self.world_size / sums[0].clamp(min=1.0), clip_grad_norm=None)
+                       grad_scale=self.world_size / sums["weight"].clamp(min=1.0),
+                       clip_grad_norm=None)
         return res
 
     @torch.no_grad()
     def forward_only(self) -> None:
         """The full view's forward and loss without gradient (recompute's extra work per pass)."""
-        comparative_step(self.model, self.batch, plan=[], task=SFTTask(),
-                         loss_fn=ComparativeLoss(), backward=False)
+        comparative_step(self.model, self.batch, self.spec.full_model_only(), step=0,
+                         backward=False)
 
 
 def retain_freed_memory() -> bool:
@@ -184,7 +186,7 @@ def time_variants(
 def pass_costs(model_name: str, s: Scenario, warmup: int, steps: int) -> List[Dict]:
     """Each pass alone (forward and backward of its task loss): time against tokens kept."""
     runner = Runner(model_name, s, "sequential")
-    passes = build_passes(runner.batch, runner.plan, crop_rate=s.crop_rate, seed=0, step=0, pad_id=0)
+    passes = build_passes(runner.batch, runner.spec, step=0)
     times = [[] for _ in passes]
     for rep in range(warmup + steps):
         for k, p in enumerate(passes):

@@ -17,7 +17,8 @@ imported `get_all_recipes()` and joins `ROOT / "recipes" / recipe.file_path` (or
 path gives the absolute path, so a `torchtune._recipe_registry.Recipe` whose file paths are
 absolute is handled by the unchanged subcommands; built-in recipes are launched by file path,
 with torchrun when torchrun flags are given. `main()` points `get_all_recipes` in those
-modules at torchtune's recipes followed by ours (see `_patch_torchtune_cli`).
+modules at torchtune's recipes followed by ours; everything that touches torchtune's internals
+is in `comparative_recipe._torchtune_compat`.
 
 What is registered.
 - Recipes: every `*.py` file directly in the installed package `comparative_recipe.recipes`
@@ -39,21 +40,23 @@ What is registered.
 Names must not repeat torchtune's own recipe or config names; `all_recipes` raises if they do.
 """
 
-import argparse
 import importlib.resources
 from pathlib import Path
 from typing import List, Optional
 
-from torchtune._recipe_registry import Config, Recipe, get_all_recipes
+from comparative_recipe._torchtune_compat import (
+    Config,
+    Recipe,
+    builtin_recipes,
+    tune_cli_parser,
+    use_recipes_in_cli,
+)
 
 RECIPES_PACKAGE = "comparative_recipe.recipes"
 CONFIGS_PACKAGE = "comparative_recipe.configs"
 
 # Config and recipe name endings that tie a config to a kind of recipe.
 _KIND_SUFFIXES = ("_single_device", "_distributed")
-
-# The torchtune CLI modules that look recipes up through `get_all_recipes`.
-_CLI_MODULES_USING_REGISTRY = ("cat", "cp", "ls", "run")
 
 
 def _package_dir(package: str) -> Optional[Path]:
@@ -128,7 +131,7 @@ def all_recipes(plugin: Optional[List[Recipe]] = None) -> List[Recipe]:
     Raises:
         ValueError: if one of ours has the name of a torchtune recipe or config.
     """
-    builtin = list(get_all_recipes())
+    builtin = builtin_recipes()
     plugin = plugin_recipes() if plugin is None else plugin
     builtin_recipe_names = {r.name for r in builtin}
     builtin_config_names = {c.name for r in builtin for c in r.configs}
@@ -141,42 +144,10 @@ def all_recipes(plugin: Optional[List[Recipe]] = None) -> List[Recipe]:
     return builtin + plugin
 
 
-def _patch_torchtune_cli(recipes: List[Recipe]) -> None:
-    """Make torchtune's CLI subcommands see `recipes` instead of torchtune's own list.
-
-    This is the one place where torchtune internals are changed. Each `torchtune._cli.<sub>`
-    module did `from torchtune._recipe_registry import get_all_recipes`, so its global name
-    `get_all_recipes` is what its subcommand calls; we rebind that name in each module.
-    """
-    import importlib
-
-    for sub in _CLI_MODULES_USING_REGISTRY:
-        module = importlib.import_module(f"torchtune._cli.{sub}")
-        module.get_all_recipes = lambda: recipes
-
-
-def _rename_prog(parser: argparse.ArgumentParser, prog: str) -> None:
-    """Rename the program from `tune` to `prog` in the parser and its subcommands' messages."""
-    parser.prog = prog
-    parser.description = (
-        "torchtune's CLI with the comparative_recipe recipes and configs registered."
-    )
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for subparser in action.choices.values():
-                if subparser.prog.startswith("tune "):
-                    subparser.prog = prog + subparser.prog[len("tune") :]
-                if subparser.usage and subparser.usage.startswith("tune "):
-                    subparser.usage = prog + subparser.usage[len("tune") :]
-
-
 def main() -> None:
     """Entry point of the `tune-cmp` console script; reads its arguments from sys.argv."""
-    from torchtune._cli.tune import TuneCLIParser
-
-    _patch_torchtune_cli(all_recipes())
-    cli = TuneCLIParser()
-    _rename_prog(cli._parser, "tune-cmp")
+    use_recipes_in_cli(all_recipes())
+    cli = tune_cli_parser("tune-cmp")
     args = cli.parse_args()
     cli.run(args)
 

@@ -8,33 +8,23 @@ A detached "dummy" baseline b is ranked last, after the most ablated model:
   ultra: b = 0 (every task loss is pushed down directly)
   best:  b = min_k l_k
   first: m = min_{k>=1} l_k; b = (l_0 + m) / 2 if l_0 < m else m
+With c = 0 there is nothing to rank the full model against: every baseline is b = 0 and
+``ComparativeLoss`` is plain fine-tuning (the loss is l_0) in every mode.
 """
-
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from comparative_recipe import checks
 
 MODES = ("pairwise", "listmle", "regulariser")
 BASELINES = ("ultra", "first", "best")
 PRIMARIES = ("max", "avg", "first")
 
 
-def _check_choice(name: str, value, valid) -> None:
-    if value not in valid:
-        raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
-
-
-def _check_number(name: str, value, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not (ok and (value >= 0 if allow_zero else value > 0)):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-
-
-def _check_losses(losses: torch.Tensor, baseline: str = "ultra") -> None:
-    """Raises ValueError unless losses is a floating [B, 1+c] tensor usable with ``baseline``."""
+def _check_losses(losses: torch.Tensor) -> None:
+    """Raises ValueError unless losses is a floating [B, 1+c] tensor."""
     if not isinstance(losses, torch.Tensor):
         raise ValueError(f"losses must be a torch.Tensor of shape [B, 1+c], got {type(losses)}")
     if losses.dim() != 2 or losses.size(1) < 1:
@@ -44,12 +34,6 @@ def _check_losses(losses: torch.Tensor, baseline: str = "ultra") -> None:
         )
     if not losses.is_floating_point():
         raise ValueError(f"losses must be a floating-point tensor, got dtype {losses.dtype}")
-    if baseline == "first" and losses.size(1) < 2:
-        raise ValueError(
-            "baseline 'first' compares the full model with the ablated ones and needs c >= 1 "
-            f"ablated models, got losses of shape {tuple(losses.shape)} (c = 0); "
-            "use baseline 'ultra' or 'best'"
-        )
 
 
 def pairs(n: int) -> int:
@@ -58,11 +42,15 @@ def pairs(n: int) -> int:
 
 
 def baseline_loss(losses: torch.Tensor, baseline: str = "ultra") -> torch.Tensor:
-    """The dummy's loss b, shape [B], detached (no gradient ever flows through it)."""
-    _check_choice("baseline", baseline, BASELINES)
-    _check_losses(losses, baseline)
+    """The dummy's loss b, shape [B], detached (no gradient ever flows through it).
+
+    With c = 0 (one column) every baseline is 0: ``best`` would otherwise make the loss and its
+    gradient identically zero, and ``first`` has no ablated model to compare with.
+    """
+    checks.choice(baseline, BASELINES, "baseline")
+    _check_losses(losses)
     l = losses.detach()
-    if baseline == "ultra":
+    if baseline == "ultra" or l.size(1) == 1:
         return torch.zeros_like(l[:, 0])
     if baseline == "best":
         return l.amin(dim=1)
@@ -84,7 +72,7 @@ def comparative_loss(
     The hinges over all ordered pairs of the 1+c models and the dummy (appended last), divided
     by T * C(c+2, 2). With c = 0 and ``ultra`` it is exactly l_0, i.e. plain fine-tuning.
     """
-    _check_number("temperature", temperature)
+    checks.finite_number(temperature, "temperature")
     b = baseline_loss(losses, baseline)
     ranked = torch.cat([losses, b[:, None]], dim=1)
     return pairwise_hinge(ranked) / (temperature * pairs(ranked.size(1)))
@@ -98,7 +86,7 @@ def listmle_loss(
     [B, 1+c] -> [B]. Scores are s_k = -l_k / T (the dummy's is -b / T); the result is
     sum_{k=0..c} [logsumexp(s_k, ..., s_{c+1}) - s_k]. Not normalised by the number of models.
     """
-    _check_number("temperature", temperature)
+    checks.finite_number(temperature, "temperature")
     b = baseline_loss(losses, baseline)
     s = -torch.cat([losses, b[:, None]], dim=1) / temperature
     # tail_lse[:, k] = logsumexp(s[:, k:]), computed stably from the end of the list
@@ -114,9 +102,9 @@ def regularised_loss(
     primary is the max, mean, or full model's (``first``) of the 1+c losses; the regulariser is
     the pairwise hinge over the 1+c models (no dummy) divided by T * C(c+1, 2), 0 when c = 0.
     """
-    _check_choice("primary", primary, PRIMARIES)
-    _check_number("temperature", temperature)
-    _check_number("weight", weight, allow_zero=True)
+    checks.choice(primary, PRIMARIES, "primary")
+    checks.finite_number(temperature, "temperature")
+    checks.finite_number(weight, "weight", allow_zero=True)
     _check_losses(losses)
     if primary == "max":
         main = losses.amax(dim=1)  # ties share the gradient equally
@@ -178,32 +166,22 @@ class ComparativeLoss(nn.Module):
         weight: float = 1.0,
     ):
         super().__init__()
-        _check_choice("mode", mode, MODES)
-        _check_choice("baseline", baseline, BASELINES)
-        _check_choice("primary", primary, PRIMARIES)
-        _check_number("temperature", temperature)
-        _check_number("weight", weight, allow_zero=True)
+        checks.choice(mode, MODES, "mode")
+        checks.choice(baseline, BASELINES, "baseline")
+        checks.choice(primary, PRIMARIES, "primary")
+        checks.finite_number(temperature, "temperature")
+        checks.finite_number(weight, "weight", allow_zero=True)
         self.mode = mode
         self.baseline = baseline
         self.temperature = float(temperature)
         self.primary = primary
         self.weight = float(weight)
 
-    def _check(self, losses: torch.Tensor) -> None:
-        _check_losses(losses, self.baseline if self.mode != "regulariser" else "ultra")
-
-    def check_num_ablations(self, c: int) -> None:
-        """Fails before training when the configured loss cannot work with c ablated models."""
-        if c == 0 and self.baseline == "first" and self.mode != "regulariser":
-            raise ValueError(
-                "loss.baseline 'first' needs at least one ablated model, but the ablation "
-                "section gives c = 0: set ablation.n_hidden or ablation.n_input > 0, or use "
-                "baseline 'ultra'"
-            )
-
     def forward(self, losses: torch.Tensor) -> torch.Tensor:
-        """Per-sample comparative losses, [B, 1+c] -> [B]."""
-        self._check(losses)
+        """Per-sample comparative losses, [B, 1+c] -> [B]; l_0 itself when c = 0."""
+        _check_losses(losses)
+        if losses.size(1) == 1:
+            return losses[:, 0]
         if self.mode == "pairwise":
             return comparative_loss(losses, self.baseline, self.temperature)
         if self.mode == "listmle":
@@ -217,7 +195,7 @@ class ComparativeLoss(nn.Module):
         so the 1+c passes can be run without grad, weighted, and back-propagated one at a time.
         Works under torch.no_grad() and torch.inference_mode().
         """
-        self._check(losses)
+        _check_losses(losses)
         # inference_mode(False) is a no-op outside inference mode; inside, it lets us build a graph
         with torch.inference_mode(False), torch.enable_grad():
             x = losses.detach().clone().requires_grad_(True)

@@ -17,20 +17,61 @@ scored tokens with ``reduction="token"``), unnormalised: the caller divides the 
 accumulated weight over micro-batches (and ranks) before the optimizer step.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
-from comparative_recipe.ablation.chunks import crop_views
-from comparative_recipe.ablation.hidden import MaskKeys, hidden_ablation_keys
+from comparative_recipe import checks
+from comparative_recipe.ablation.crops import compact_rows, crop_views
+from comparative_recipe.ablation.hidden import MaskKeys, check_hidden_ablation, hidden_ablation_keys
 from comparative_recipe.ablation.plan import AblationLevel
+from comparative_recipe.data.chunking import PAD_CHUNK
 from comparative_recipe.loss import ComparativeLoss, violation_rate
-from comparative_recipe.tasks import IGNORE_INDEX, TaskLosses, shift_labels
+from comparative_recipe.tasks import TaskLosses, shift_labels
+from comparative_recipe.training.sums import Sums
 
 STRATEGIES = ("sequential", "stacked", "recompute")
 REDUCTIONS = ("sample", "token")
+
+
+@dataclass(frozen=True)
+class ComparativeStepSpec:
+    """Everything a comparative step needs besides the model, the batch and the step number;
+    built once from the config (``ComparativeMethod``) and passed as one object.
+
+    plan: the c ablation levels (``ablation_plan``); task: (logits, shifted labels) ->
+    ``TaskLosses``; loss_fn: the comparative loss; strategy: ``sequential`` | ``stacked`` |
+    ``recompute``; reduction: ``sample`` (each valid sample weighs 1, as the method defines) or
+    ``token`` (weighted by its scored tokens; with c = 0 torchtune's token mean); crop_rate: q of
+    the nested crops; seed: keys every mask and crop; pad_id: the token id of padding.
+    """
+
+    plan: Sequence[AblationLevel]
+    task: Callable[..., TaskLosses]
+    loss_fn: ComparativeLoss
+    strategy: str = "sequential"
+    reduction: str = "sample"
+    crop_rate: float = 0.5
+    seed: int = 0
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        checks.choice(self.strategy, STRATEGIES, "strategy")
+        checks.choice(self.reduction, REDUCTIONS, "loss_reduction")
+        checks.rate(self.crop_rate, "ablation.crop.rate")
+        object.__setattr__(self, "plan", tuple(self.plan))
+
+    @property
+    def uses_hidden_ablation(self) -> bool:
+        return any(lvl.drop_power > 0 for lvl in self.plan)
+
+    def full_model_only(self) -> "ComparativeStepSpec":
+        """The same step with no ablated pass (c = 0): the full model's task loss alone."""
+        return dataclasses.replace(self, plan=())
 
 
 @dataclass
@@ -40,7 +81,8 @@ class PassInput:
     tokens:    [B, S_k] the (possibly cropped) view, right-padded
     targets:   [B, S_k] shifted labels of that view
     keys:      per-row hidden-mask keys (drop power of this pass for every row)
-    exhausted: [B] bool, the crop had nothing left to drop (view repeats the previous level)
+    exhausted: [B] bool, this pass is a crop step and had nothing left to drop (the view repeats
+               the previous level); always False for a hidden-unit step
     """
 
     tokens: torch.Tensor
@@ -63,7 +105,7 @@ class StepResult:
     valid:       [B] samples that take part (scored targets in the full view)
     sample_loss: [B] comparative loss per sample (0 where not valid)
     sample_weight: [B] each sample's weight in the back-propagated sum (0 where not valid)
-    exhausted:   [B, 1+c] crop had nothing left to drop
+    exhausted:   [B, 1+c] the pass's crop had nothing left to drop
     pass_tokens: [1+c] input tokens each pass processed
     correct:     [B, 1+c] classification hits, or None
     """
@@ -77,111 +119,105 @@ class StepResult:
     pass_tokens: torch.Tensor
     correct: Optional[torch.Tensor] = None
 
-    def sums(self) -> torch.Tensor:
-        """Everything the step metrics need, as one float64 vector of sums over samples.
+    def sums(self) -> Sums:
+        """The step's named sums over samples (they add over micro-batches and ranks).
 
-        Sums add up over micro-batches and ranks (one all-reduce, one host transfer); turn them
-        into metrics with ``metrics_from_sums``. Layout: ``_SUM_FIELDS``, then per pass k the
-        loss sum over valid samples, crops exhausted, classification hits, input tokens.
+        ``weight`` is the gradient normaliser (the back-propagated sum is unnormalised).
+        Per pass (1-d, length 1+c): ``pass_loss`` (over valid samples), ``crop_exhausted``,
+        ``pass_tokens`` and, for classification, ``correct``. Read them with
+        ``comparative_metrics``.
         """
         v, w = self.valid, self.sample_weight
         vf = v.to(self.losses.dtype)
-        head = torch.stack([
-            w.sum(),
-            (self.sample_loss * w).sum(),
-            vf.sum(),
-            (self.sample_loss * vf).sum(),
-            (violation_rate(self.losses) * vf).sum(),
-            (~v).sum(),
-            (self.n_tokens[:, 0] * v).sum(),
-        ]).double()
-        correct = self.correct if self.correct is not None else torch.zeros_like(self.exhausted)
-        per_pass = torch.stack([
-            (self.losses * vf[:, None]).sum(0),
-            self.exhausted.sum(0),
-            (correct * v[:, None]).sum(0),
-            self.pass_tokens.to(self.losses.device),
-        ]).double()
-        return torch.cat([head, per_pass.flatten()])
-
-    def metrics(self) -> Dict[str, float]:
-        """Per-step numbers for the metric logger (means over valid samples)."""
-        return metrics_from_sums(self.sums(), with_accuracy=self.correct is not None)
+        sums = {
+            "weight": w.sum(),
+            "weighted_loss": (self.sample_loss * w).sum(),
+            "samples": vf.sum(),
+            "cmp_loss": (self.sample_loss * vf).sum(),
+            "violations": (violation_rate(self.losses) * vf).sum(),
+            "excluded": (~v).sum(),
+            "tokens": (self.n_tokens[:, 0] * v).sum(),
+            "pass_loss": (self.losses * vf[:, None]).sum(0),
+            "crop_exhausted": self.exhausted.sum(0),
+            "pass_tokens": self.pass_tokens.to(self.losses.device),
+        }
+        if self.correct is not None:
+            sums["correct"] = (self.correct * v[:, None]).sum(0)
+        return Sums(sums)
 
 
-# The scalar sums at the head of ``StepResult.sums()``.
-_SUM_FIELDS = ("weight", "weighted_loss", "valid", "cmp_loss", "violations", "excluded", "tokens")
-
-
-def metrics_from_sums(sums: torch.Tensor, with_accuracy: bool = False) -> Dict[str, float]:
-    """Metrics from ``StepResult.sums()`` (possibly summed over micro-batches and ranks).
+def comparative_metrics(sums: Dict[str, object]) -> Dict[str, float]:
+    """Logged metrics from host ``StepResult.sums()`` (possibly added over micro-batches and ranks).
 
     ``loss`` is the objective the step optimised (weighted mean of per-sample losses);
     ``cmp_loss``, ``violation_rate``, ``loss_k`` and ``accuracy_k`` are means over valid samples;
-    ``samples`` (valid), ``excluded_samples``, ``crop_exhausted_k``, ``tokens`` and
+    ``samples`` (valid), ``excluded_samples``, ``crop_exhausted_k`` (k >= 1), ``tokens`` and
     ``pass_tokens_k`` are counts.
     """
-    values = sums.tolist()
-    head = dict(zip(_SUM_FIELDS, values))
-    n_passes = (len(values) - len(_SUM_FIELDS)) // 4
-    loss_k, exhausted_k, correct_k, tokens_k = (
-        values[len(_SUM_FIELDS) + i * n_passes : len(_SUM_FIELDS) + (i + 1) * n_passes]
-        for i in range(4)
-    )
-    n = max(head["valid"], 1.0)
+    n = max(sums["samples"], 1.0)
     out = {
-        "loss": head["weighted_loss"] / max(head["weight"], 1e-12),
-        "cmp_loss": head["cmp_loss"] / n,
-        "violation_rate": head["violations"] / n,
-        "samples": head["valid"],
-        "excluded_samples": head["excluded"],
-        "tokens": head["tokens"],
+        "loss": sums["weighted_loss"] / max(sums["weight"], 1e-12),
+        "cmp_loss": sums["cmp_loss"] / n,
+        "violation_rate": sums["violations"] / n,
+        "samples": sums["samples"],
+        "excluded_samples": sums["excluded"],
+        "tokens": sums["tokens"],
     }
-    for k in range(n_passes):
-        out[f"loss_{k}"] = loss_k[k] / n
+    for k, loss in enumerate(sums["pass_loss"]):
+        out[f"loss_{k}"] = loss / n
         if k > 0:
-            out[f"crop_exhausted_{k}"] = exhausted_k[k]
-        if with_accuracy:
-            out[f"accuracy_{k}"] = correct_k[k] / n
-        out[f"pass_tokens_{k}"] = tokens_k[k]
+            out[f"crop_exhausted_{k}"] = sums["crop_exhausted"][k]
+        if "correct" in sums:
+            out[f"accuracy_{k}"] = sums["correct"][k] / n
+        out[f"pass_tokens_{k}"] = sums["pass_tokens"][k]
     return out
 
 
+def _uncropped_view(batch: Dict[str, torch.Tensor], pad_id: int):
+    """The batch itself as the level-0 view: (tokens, labels, token keys), right-padded.
+
+    Padding is where ``chunk_ids`` is ``PAD_CHUNK``. A left-padded batch (a custom collate) is
+    compacted to right padding, since the model gets no attention mask and would otherwise number
+    the positions of a left-padded row from its padding.
+    """
+    tokens, labels, pad = batch["tokens"], batch["labels"], batch["chunk_ids"] == PAD_CHUNK
+    if bool((pad[:, :-1] & ~pad[:, 1:]).any()):  # padding before a token
+        tokens, labels, token_keys, _ = compact_rows(tokens, labels, ~pad, pad_id)
+        return tokens, labels, token_keys
+    keys = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    return tokens, labels, torch.where(pad, -1, keys)
+
+
 def build_passes(
-    batch: Dict[str, torch.Tensor],
-    plan: Sequence[AblationLevel],
-    *,
-    crop_rate: float,
-    seed: int,
-    step: int,
-    pad_id: int,
+    batch: Dict[str, torch.Tensor], spec: ComparativeStepSpec, step: int
 ) -> List[PassInput]:
-    """The 1+c pass inputs of a batch (pass 0 the full model, then ``plan``).
+    """The 1+c pass inputs of a batch (pass 0 the full model, then ``spec.plan``).
 
     Crop views depend only on (seed, step, sample id), so the same sample gets the same views in
     any row, on any rank, and after a resume.
     """
-    tokens, labels, chunk_ids = batch["tokens"], batch["labels"], batch["chunk_ids"]
     sample_ids = batch["sample_ids"]
-    levels = sorted({0} | {lvl.crop_level for lvl in plan})
+    levels = sorted({0} | {lvl.crop_level for lvl in spec.plan})
+    no_crop = torch.zeros_like(sample_ids, dtype=torch.bool)
     if levels == [0]:
-        keys = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        keys = torch.where(chunk_ids == -2, -1, keys)
-        views = {0: (tokens, labels, keys, torch.zeros_like(sample_ids, dtype=torch.bool))}
+        views = {0: (*_uncropped_view(batch, spec.pad_id), no_crop)}
     else:
         views = {
             lvl: (v.tokens, v.labels, v.token_keys, v.exhausted)
             for lvl, v in zip(
                 levels,
                 crop_views(
-                    tokens, labels, chunk_ids, sample_ids, levels,
-                    rate=crop_rate, seed=seed, step=step, pad_id=pad_id,
+                    batch["tokens"], batch["labels"], batch["chunk_ids"], sample_ids, levels,
+                    rate=spec.crop_rate, seed=spec.seed, step=step, pad_id=spec.pad_id,
                 ),
             )
         }
-    passes = []
-    for lvl in [AblationLevel(0, 0), *plan]:
+    passes, previous_level = [], 0
+    for lvl in [AblationLevel(0, 0), *spec.plan]:
         t, lab, token_keys, exhausted = views[lvl.crop_level]
+        if lvl.crop_level == previous_level:
+            exhausted = no_crop  # a hidden-unit step: the view repeats by design
+        previous_level = lvl.crop_level
         powers = torch.full_like(sample_ids, lvl.drop_power)
         keys = MaskKeys(sample_ids=sample_ids, powers=powers, step=step, token_keys=token_keys)
         passes.append(PassInput(t, shift_labels(lab), keys, exhausted))
@@ -197,7 +233,7 @@ def stack_passes(passes: Sequence[PassInput], pad_id: int) -> PassInput:
 
     return PassInput(
         tokens=torch.cat([pad(p.tokens, pad_id) for p in passes]),
-        targets=torch.cat([pad(p.targets, IGNORE_INDEX) for p in passes]),
+        targets=torch.cat([pad(p.targets, CROSS_ENTROPY_IGNORE_IDX) for p in passes]),
         keys=MaskKeys(
             sample_ids=torch.cat([p.keys.sample_ids for p in passes]),
             powers=torch.cat([p.keys.powers for p in passes]),
@@ -224,16 +260,9 @@ def _sample_weights(n_tokens_full: torch.Tensor, valid: torch.Tensor, reduction:
 def comparative_step(
     model: nn.Module,
     batch: Dict[str, torch.Tensor],
+    spec: ComparativeStepSpec,
     *,
-    plan: Sequence[AblationLevel],
-    task: Callable[..., TaskLosses],
-    loss_fn: ComparativeLoss,
-    strategy: str = "sequential",
-    reduction: str = "sample",
-    crop_rate: float = 0.0,
-    seed: int = 0,
-    step: int = 0,
-    pad_id: int = 0,
+    step: int,
     backward: bool = True,
     set_grad_sync: Optional[Callable[[bool], None]] = None,
 ) -> StepResult:
@@ -241,26 +270,25 @@ def comparative_step(
 
     Args:
         batch: collated batch (tokens, labels, sample_ids, chunk_ids), on the model's device.
-        plan: the c ablation levels (``ablation_plan``).
-        task: maps (logits, shifted labels) to per-row ``TaskLosses``.
-        loss_fn: the comparative loss (per-sample, and per-pass gradient weights).
-        strategy: ``sequential`` | ``stacked`` | ``recompute``.
-        reduction: ``sample`` (each valid sample weighs 1, as the method defines) or ``token``
-            (weighted by its scored tokens; with c=0 this is torchtune's token-mean SFT loss).
+        spec: what to run (plan, task, loss, strategy, reduction, crop rate, seed, pad id).
+        step: the training step, a key of every mask and crop.
         backward: False computes the losses only (no grad), e.g. for validation.
         set_grad_sync: called with False before backwards that must not sync gradients and
             True before the last one (FSDP's ``set_requires_gradient_sync``); ``recompute`` only.
+
+    Raises:
+        ValueError: the plan masks hidden units but ``model`` has no hidden ablation installed
+            (or an activation-checkpoint wrapper that cannot carry the masks).
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown pass strategy {strategy!r}; choose one of {STRATEGIES}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown loss reduction {reduction!r}; choose one of {REDUCTIONS}")
-    passes = build_passes(batch, plan, crop_rate=crop_rate, seed=seed, step=step, pad_id=pad_id)
+    if spec.uses_hidden_ablation:
+        check_hidden_ablation(model)
+    passes = build_passes(batch, spec, step)
     n_passes, batch_size = len(passes), batch["tokens"].shape[0]
+    task, strategy = spec.task, spec.strategy
 
     def forward_all() -> List[TaskLosses]:
-        if strategy == "stacked":
-            out = run_pass(model, task, stack_passes(passes, pad_id))
+        if strategy == "stacked" and n_passes > 1:
+            out = run_pass(model, task, stack_passes(passes, spec.pad_id))
             split = lambda x: list(x.view(n_passes, batch_size).unbind(0))  # noqa: E731
             return [
                 TaskLosses(lo, n, c)
@@ -278,7 +306,8 @@ def comparative_step(
     losses = torch.stack([o.loss for o in outs], dim=1)  # [B, 1+c]
     n_tokens = torch.stack([o.n_tokens for o in outs], dim=1)
     valid = n_tokens[:, 0] > 0
-    weights = _sample_weights(n_tokens[:, 0], valid, reduction)
+    weights = _sample_weights(n_tokens[:, 0], valid, spec.reduction)
+    loss_fn = spec.loss_fn
 
     # No early exit for batches without valid samples: every rank must run the same backwards
     # (FSDP's collectives), so such a batch back-propagates zero weights.
@@ -308,21 +337,4 @@ def comparative_step(
         exhausted=torch.stack([p.exhausted for p in passes], dim=1),
         pass_tokens=torch.stack([p.n_input_tokens for p in passes]),
         correct=correct,
-    )
-
-
-def merge_results(results: Sequence[StepResult]) -> StepResult:
-    """Micro-batch results of one optimizer step as one result (rows concatenated)."""
-    if len(results) == 1:
-        return results[0]
-    cat = lambda name: torch.cat([getattr(r, name) for r in results])  # noqa: E731
-    return StepResult(
-        losses=cat("losses"),
-        n_tokens=cat("n_tokens"),
-        valid=cat("valid"),
-        sample_loss=cat("sample_loss"),
-        sample_weight=cat("sample_weight"),
-        exhausted=cat("exhausted"),
-        pass_tokens=sum(r.pass_tokens for r in results),
-        correct=cat("correct") if results[0].correct is not None else None,
     )

@@ -10,8 +10,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-
-IGNORE_INDEX = -100
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as IGNORE_INDEX
 
 Logits = Union[torch.Tensor, List[torch.Tensor]]
 
@@ -191,7 +190,7 @@ def build_task(name: str, dataset=None):
         if ids is None:
             raise ValueError(
                 "task: classification needs a dataset with label words, e.g. "
-                "comparative_recipe.data.datasets.classification_dataset (it exposes "
+                "comparative_recipe.data.classification_dataset (it exposes "
                 "label_token_ids); this dataset has none"
             )
         return ClassificationTask(ids)

@@ -12,6 +12,11 @@ import yaml
 from omegaconf import OmegaConf
 
 from comparative_recipe import cli
+from comparative_recipe._torchtune_compat import (
+    CLI_MODULES_USING_REGISTRY,
+    check_compatible,
+    use_recipes_in_cli,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -19,7 +24,7 @@ RECIPE = "comparative_finetune_single_device"
 RECIPE_FILE = REPO / "recipes" / f"{RECIPE}.py"
 DEMO_CONFIG = "demo/tiny_needle_qa"
 DEMO_CONFIG_FILE = REPO / "configs" / "demo" / "tiny_needle_qa.yaml"
-TORCHTUNE_CLI_MODULES = [f"torchtune._cli.{sub}" for sub in ("cat", "cp", "ls", "run")]
+TORCHTUNE_CLI_MODULES = [f"torchtune._cli.{sub}" for sub in CLI_MODULES_USING_REGISTRY]
 
 needs_recipe = pytest.mark.skipif(
     not RECIPE_FILE.is_file(),
@@ -151,10 +156,16 @@ def test_patch_points_each_subcommand_at_the_merged_list(monkeypatch, tmp_path):
     touch(tmp_path / "recipes" / "cmp_single_device.py")
     merged = cli.all_recipes(cli.plugin_recipes(tmp_path / "recipes", tmp_path / "configs"))
 
-    cli._patch_torchtune_cli(merged)
+    use_recipes_in_cli(merged)
 
     for module in modules:
         assert module.get_all_recipes() is merged
+
+
+def test_the_installed_torchtune_has_every_internal_the_compat_layer_uses():
+    """Fails loudly if torchtune changes under `_torchtune_compat` (the one module that touches
+    torchtune's private CLI internals)."""
+    check_compatible()
 
 
 # ---------------------------------------------------------------- the command (subprocess)

@@ -6,7 +6,9 @@ import pytest
 from omegaconf import OmegaConf
 from torchtune.config._utils import _get_component_from_path
 
-from comparative_recipe.training.settings import ComparativeSettings
+from comparative_recipe.methods import ComparativeMethod
+from comparative_recipe.training.distributed import DISTRIBUTED_KEYS
+from comparative_recipe.training.trainer import TRAINER_KEYS, VALIDATION_KEYS, check_config_keys
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
@@ -35,10 +37,11 @@ def test_config_components_exist_and_settings_parse(path):
     container = OmegaConf.to_container(cfg, resolve=True)
     for dotted in components(container):
         assert callable(_get_component_from_path(dotted)), dotted
-    settings = ComparativeSettings.from_config(cfg)
-    assert settings.num_ablations >= 1
+    method = ComparativeMethod.from_config(cfg)  # checks the method's sections
+    assert method.settings.num_ablations >= 1
     assert cfg.task in ("sft", "classification")
-    loss = _get_component_from_path(cfg.loss._component_)(
-        **{k: v for k, v in container["loss"].items() if k != "_component_"}
-    )
-    loss.check_num_ablations(settings.num_ablations)
+    # every key is one the recipe it belongs to reads (the distributed keys only there)
+    world_keys = DISTRIBUTED_KEYS if not path.stem.endswith("_single_device") else ()
+    check_config_keys(cfg, TRAINER_KEYS | method.config_keys | set(world_keys))
+    if "validation" in cfg:
+        check_config_keys(cfg.validation, VALIDATION_KEYS | method.validation_keys, "validation")

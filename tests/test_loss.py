@@ -69,8 +69,23 @@ def test_best_baseline_by_hand():
     # [3, 1, 2]: b = 1; pairs 3; dummy 2 + 0 + 1 = 3 -> 6/6
     got = comparative_loss(t([1.0, 3.0, 2.0], [3.0, 1.0, 2.0]), baseline="best")
     torch.testing.assert_close(got, t(4 / 6, 1.0))
-    # c = 0: the dummy equals the only model, nothing to compare
-    assert comparative_loss(t([2.5]), baseline="best").item() == 0.0
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "listmle", "regulariser"])
+@pytest.mark.parametrize("baseline", ["ultra", "first", "best"])
+def test_c0_is_plain_fine_tuning_for_every_baseline(mode, baseline):
+    """Regression: with c = 0, baseline 'best' made the loss and its gradient identically 0
+    (b = min = l0), so training silently did nothing; 'first' raised. Now every baseline and
+    mode is the full model's task loss, with gradient 1."""
+    x = t([2.5], [0.75]).requires_grad_(True)
+    loss = ComparativeLoss(mode=mode, baseline=baseline)
+    out = loss(x)
+    torch.testing.assert_close(out, t(2.5, 0.75))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, t([1.0], [1.0]))
+    torch.testing.assert_close(loss.pass_weights(x), t([1.0], [1.0]))
+    # the pure pairwise loss agrees: with nothing to rank against, the dummy is 0
+    torch.testing.assert_close(comparative_loss(x.detach(), baseline), t(2.5, 0.75))
 
 
 def test_temperature_divides_pairwise():
@@ -181,8 +196,6 @@ def all_configs():
 def test_pass_weights_equal_autograd(cfg):
     loss = ComparativeLoss(**cfg)
     for c in range(0, 4):
-        if c == 0 and cfg.get("baseline") == "first":
-            continue
         x = distinct_losses(5, c + 1, seed=10 + c)
         torch.testing.assert_close(loss.pass_weights(x), autograd_per_sample(loss, x))
 
@@ -249,11 +262,13 @@ def test_baselines_are_detached():
     x = t([1.0, 3.0, 2.0]).requires_grad_(True)
     comparative_loss(x, "first").sum().backward()
     torch.testing.assert_close(x.grad, t([0.0, 2 / 6, 0.0]))
-    # listmle, c = 0, best: b = l0, so the loss is log 2 whatever l0 is (total derivative 0);
-    # with b detached only the s_0 path remains and the gradient is 1/2
-    x = t([1.0]).requires_grad_(True)
+    # listmle, c = 1, best, [1, 2]: b = 1 detached. Loss = lse(-1, -2, -b) + 1 + lse(-2, -b) + 2;
+    # d/dl0 = 1 - softmax_0(-1, -2, -1); d/dl1 = 1 - softmax_1(-1,-2,-1) - softmax_0(-2, -1)
+    x = t([1.0, 2.0]).requires_grad_(True)
     listmle_loss(x, "best").sum().backward()
-    assert x.grad.item() == pytest.approx(0.5)  # d/dl [log(e^-l + e^-b) + l] at l = b
+    p3 = torch.softmax(torch.tensor([-1.0, -2.0, -1.0], dtype=x.dtype), 0)
+    p2 = torch.softmax(torch.tensor([-2.0, -1.0], dtype=x.dtype), 0)
+    torch.testing.assert_close(x.grad, torch.stack([1 - p3[0], 1 - p3[1] - p2[0]])[None])
 
 
 # ---------------------------------------------------------------- violation rate
@@ -303,12 +318,6 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="floating"):
         loss(torch.ones(2, 2, dtype=torch.long))
     one_col = torch.ones(2, 1)
-    with pytest.raises(ValueError, match="'first'.*c >= 1"):
-        comparative_loss(one_col, baseline="first")
-    with pytest.raises(ValueError, match="'first'.*c >= 1"):
-        listmle_loss(one_col, baseline="first")
-    with pytest.raises(ValueError, match="'first'.*c >= 1"):
-        ComparativeLoss(baseline="first").pass_weights(one_col)
     with pytest.raises(ValueError, match="baseline"):
         comparative_loss(torch.ones(2, 2), baseline="worst")
     with pytest.raises(ValueError, match="temperature"):

@@ -13,7 +13,7 @@ from comparative_recipe.ablation.hidden import (
 from comparative_recipe.ablation.plan import ablation_plan
 from comparative_recipe.loss import ComparativeLoss
 from comparative_recipe.models.tiny import tiny_llama
-from comparative_recipe.passes import comparative_step
+from comparative_recipe.passes import ComparativeStepSpec, comparative_metrics, comparative_step
 from comparative_recipe.tasks import SFTTask, per_sample_cross_entropy, shift_labels
 
 VOCAB, PAD = 64, 0
@@ -51,10 +51,19 @@ def make_model(ac=False, hidden=None, seed=0):
     return model
 
 
-def grads_of(model, batch, **kw):
+def spec(**kw):
+    """The step spec of these tests: SFT, seed 3, padding ``PAD`` unless given."""
+    return ComparativeStepSpec(**{"task": SFTTask(), "pad_id": PAD, "seed": 3, **kw})
+
+
+def grads_of(model, batch, step=5, **kw):
     model.zero_grad(set_to_none=True)
-    res = comparative_step(model, batch, task=SFTTask(), pad_id=PAD, seed=3, step=5, **kw)
+    res = comparative_step(model, batch, spec(**kw), step=step)
     return res, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def metrics_of(res):
+    return comparative_metrics(res.sums().to_host())
 
 
 HIDDEN = HiddenAblationConfig(rate=0.3, sites=("ffn_hidden", "attn_heads", "attn_out"), seed=3)
@@ -115,8 +124,8 @@ def test_a_sample_gets_the_same_losses_in_any_row():
     plan = ablation_plan(n_hidden=1, n_input=2)
     batch = make_batch()
     model = make_model(hidden=HIDDEN)
-    kw = dict(plan=plan, task=SFTTask(), loss_fn=ComparativeLoss(), crop_rate=0.3, seed=3,
-              step=7, pad_id=PAD, backward=False)
+    kw = dict(spec=spec(plan=plan, loss_fn=ComparativeLoss(), crop_rate=0.3), step=7,
+              backward=False)
     res = comparative_step(model, batch, **kw)
     perm = torch.tensor([2, 0, 3, 1])
     res_p = comparative_step(model, {k: v[perm] for k, v in batch.items()}, **kw)
@@ -137,17 +146,84 @@ def test_samples_without_labels_are_excluded_not_nan():
         assert float(res.sample_weight.sum()) == 3
         assert res.sample_loss[1] == 0
         assert all(torch.isfinite(v).all() for v in g.values())
-        assert res.metrics()["excluded_samples"] == 1
+        assert metrics_of(res)["excluded_samples"] == 1
 
 
 def test_exhausted_crops_are_counted():
     """A sample with one droppable chunk has nothing left at crop level 2: repeated, counted."""
     batch = make_batch()
     batch["chunk_ids"][0] = torch.where(batch["chunk_ids"][0] > 0, -1, batch["chunk_ids"][0])
-    res = comparative_step(make_model(), batch, plan=ablation_plan(0, 2), task=SFTTask(),
-                           loss_fn=ComparativeLoss(), crop_rate=0.1, pad_id=PAD, backward=False)
+    res = comparative_step(make_model(), batch,
+                           spec(plan=ablation_plan(0, 2), loss_fn=ComparativeLoss(), crop_rate=0.1),
+                           step=0, backward=False)
     assert res.exhausted[:, 2].tolist() == [True, False, False, False]
     torch.testing.assert_close(res.losses[0, 2], res.losses[0, 1])
-    assert res.metrics()["crop_exhausted_2"] == 1
+    assert metrics_of(res)["crop_exhausted_2"] == 1
     # cropped passes really process fewer tokens
     assert res.pass_tokens[0] > res.pass_tokens[1] > res.pass_tokens[2]
+
+
+def test_hidden_steps_do_not_count_crops_as_exhausted_again():
+    """Regression: a hidden-unit pass copied the exhausted flag of its crop level, so with
+    (crop, hidden) passes a sample whose crop ran out was counted twice."""
+    batch = make_batch()
+    batch["chunk_ids"][0] = torch.where(batch["chunk_ids"][0] > 0, -1, batch["chunk_ids"][0])
+    plan = ablation_plan(n_hidden=2, n_input=2)  # (1,0) (1,1) (2,1) (2,2)
+    res = comparative_step(make_model(hidden=HIDDEN), batch,
+                           spec(plan=plan, loss_fn=ComparativeLoss(), crop_rate=0.1),
+                           step=0, backward=False)
+    # only pass 3, the second crop, finds sample 0's single chunk already gone
+    assert res.exhausted[0].tolist() == [False, False, False, True, False]
+    metrics = metrics_of(res)
+    assert [metrics[f"crop_exhausted_{k}"] for k in range(1, 5)] == [0, 0, 1, 0]
+
+
+def test_hidden_steps_on_a_model_without_ablation_fail():
+    """Regression: without install_hidden_ablation every pass silently returned the full
+    model's loss."""
+    with pytest.raises(ValueError, match="install_hidden_ablation"):
+        grads_of(make_model(), make_batch(), plan=ablation_plan(n_hidden=1, n_input=0),
+                 loss_fn=ComparativeLoss())
+
+
+def test_left_padded_rows_give_the_losses_of_right_padded_ones():
+    """A custom collate may pad on the left (chunk id -2 marks padding): the rows are compacted,
+    so positions and losses equal those of the right-padded batch."""
+    batch = make_batch()
+    left = {k: v.clone() for k, v in batch.items()}
+    for b in range(4):
+        n = int((batch["chunk_ids"][b] == -2).sum())
+        for key in ("tokens", "labels", "chunk_ids"):
+            left[key][b] = torch.roll(batch[key][b], n)
+    model = make_model(hidden=HIDDEN)
+    for plan in ([], ablation_plan(n_hidden=1, n_input=0)):
+        kw = dict(spec=spec(plan=plan, loss_fn=ComparativeLoss()), step=2, backward=False)
+        right_res = comparative_step(model, batch, **kw)
+        left_res = comparative_step(model, left, **kw)
+        torch.testing.assert_close(left_res.losses, right_res.losses)
+
+
+def test_builder_dropout_is_off_and_every_strategy_gives_the_same_gradient():
+    """Regression: attn_dropout > 0 stayed on in the full model's pass and drew differently in
+    recompute's gradient-free forward (about 30% relative gradient difference). The comparative
+    method turns the builder's dropout off; the passes then agree exactly."""
+    from comparative_recipe.methods.comparative import disable_model_dropout
+
+    def dropout_model():
+        torch.manual_seed(0)
+        model = tiny_llama(vocab_size=VOCAB, num_layers=2, num_heads=4, num_kv_heads=2,
+                           embed_dim=32, intermediate_dim=64, max_seq_len=64, attn_dropout=0.3)
+        assert disable_model_dropout(model) == ["layers.0.attn.attn_dropout",
+                                                "layers.1.attn.attn_dropout"]
+        install_hidden_ablation(model, HIDDEN)
+        return model.train()
+
+    batch, plan = make_batch(), ablation_plan(n_hidden=1, n_input=1)
+    _, ref = grads_of(dropout_model(), batch, plan=plan, loss_fn=ComparativeLoss(),
+                      strategy="sequential", crop_rate=0.4)
+    for strategy in ("stacked", "recompute"):
+        _, g = grads_of(dropout_model(), batch, plan=plan, loss_fn=ComparativeLoss(),
+                        strategy=strategy, crop_rate=0.4)
+        for name in ref:
+            rel = (g[name] - ref[name]).norm() / ref[name].norm().clamp(min=1e-12)
+            assert rel < 1e-5, (strategy, name, float(rel))

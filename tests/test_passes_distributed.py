@@ -19,11 +19,11 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 def reference():
     """Plain model, one process, the whole 8-sample batch, sequential, no checkpointing."""
-    from tests.workers.fsdp_strategy_grads import BATCH, STEP_KW
+    from tests.workers.fsdp_strategy_grads import BATCH, STEP, spec
 
     model = make_model()
     install_hidden_ablation(model, HIDDEN)
-    res = comparative_step(model, make_batch(**BATCH), strategy="sequential", **STEP_KW)
+    res = comparative_step(model, make_batch(**BATCH), spec("sequential"), step=STEP)
     weight = res.sample_weight.sum()
     grads = {n: p.grad / weight for n, p in model.named_parameters()}
     return res.losses, grads

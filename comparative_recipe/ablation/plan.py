@@ -15,7 +15,8 @@ ORDERS = ("crop_first", "hidden_first", "crops_then_hidden", "hidden_then_crops"
 class AblationLevel:
     """How ablated one pass is.
 
-    crop_level: number of nested input crops applied (0 = full input); see ``chunks.crop_views``.
+    crop_level: number of nested input crops applied (0 = full input); see
+        ``ablation.crops.crop_views``.
     drop_power: i in the hidden drop threshold p_i = 1 - (1 - p)**i (0 = no hidden ablation).
     """
 

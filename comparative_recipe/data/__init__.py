@@ -1,15 +1,20 @@
-"""Data for comparative training: dataset builders, the comparative collate, the embedded demo."""
+"""Data for comparative training: dataset builders, chunking, the comparative collate, the
+embedded demo. Builders are usable as ``_component_: comparative_recipe.data.<builder>``."""
 
+from comparative_recipe.data.chunking import (
+    ChunkingConfig,
+    chunking_config,
+    PAD_CHUNK,
+    PROTECTED_CHUNK,
+)
+from comparative_recipe.data.classification import classification_dataset, ClassificationDataset
 from comparative_recipe.data.collate import collate_padding_idx, comparative_collate
-from comparative_recipe.data.datasets import (
-    classification_dataset,
-    ClassificationDataset,
-    ComparativeDataset,
+from comparative_recipe.data.comparative import comparative_dataset, ComparativeDataset
+from comparative_recipe.data.context_qa import (
     context_qa_dataset,
+    context_qa_from_data,
     ContextQADataset,
-    separator_token_ids,
-    special_token_ids,
-    validate_vocab,
+    DEFAULT_QA_INSTRUCTION,
 )
 from comparative_recipe.data.demo import (
     DEMO_PAD_ID,
@@ -17,16 +22,30 @@ from comparative_recipe.data.demo import (
     needle_qa_dataset,
     needle_qa_records,
 )
+from comparative_recipe.data.tokenizer_utils import (
+    separator_token_ids,
+    special_token_ids,
+    TokenTexts,
+    validate_vocab,
+)
 
 __all__ = [
+    "ChunkingConfig",
     "ClassificationDataset",
     "ComparativeDataset",
     "ContextQADataset",
+    "DEFAULT_QA_INSTRUCTION",
     "DEMO_PAD_ID",
+    "PAD_CHUNK",
+    "PROTECTED_CHUNK",
+    "TokenTexts",
+    "chunking_config",
     "classification_dataset",
     "collate_padding_idx",
     "comparative_collate",
+    "comparative_dataset",
     "context_qa_dataset",
+    "context_qa_from_data",
     "demo_tokenizer",
     "needle_qa_dataset",
     "needle_qa_records",

@@ -1,6 +1,16 @@
 """Collate for comparative training: the torchtune SFT batch plus sample ids and chunk ids.
 
-The output is the ``Batch`` of ``docs/CONTRACT.md``.
+The batch (what the comparative step reads), every tensor right-padded to the longest sample:
+
+- ``tokens``     LongTensor [B, S]: padded with the tokenizer's pad id.
+- ``labels``     LongTensor [B, S]: NOT shifted, as torchtune's SFT datasets emit them
+  (labels[b, i] is token i if it is trained on, else -100); the step shifts them.
+- ``sample_ids`` LongTensor [B]: each sample's index in the dataset; keys every random choice
+  (masks, crop orders), so a sample gets the same ablations in any row, on any rank.
+- ``chunk_ids``  LongTensor [B, S]: ``PAD_CHUNK`` (-2) on padding, ``PROTECTED_CHUNK`` (-1) on
+  tokens never dropped, k >= 0 on droppable chunk k of that sample (0..n_b-1 in order of
+  position); see ``comparative_recipe.data.chunking``.
+- ``class_id``   LongTensor [B]: only for classification items.
 """
 
 from typing import Any, Dict, List, Mapping
@@ -10,10 +20,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
-#: value of ``chunk_ids`` on padding positions
-CHUNK_PAD = -2
-#: value of ``chunk_ids`` on tokens that are never dropped
-CHUNK_PROTECTED = -1
+from comparative_recipe.data.chunking import PAD_CHUNK, PROTECTED_CHUNK
 
 
 def collate_padding_idx(tokenizer: Any) -> int:
@@ -46,7 +53,7 @@ def comparative_collate(
     padding_idx: int = 0,
     ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX,
 ) -> Dict[str, torch.Tensor]:
-    """Right-pads a list of samples into the comparative ``Batch``.
+    """Right-pads a list of samples into the comparative batch (see the module docstring).
 
     Each item needs ``tokens`` and ``labels`` (same length ``S_b``, lists or 1-D tensors of
     ints) and ``sample_id`` (int), as ``ComparativeDataset`` emits them. ``chunk_ids`` (length
@@ -92,7 +99,7 @@ def comparative_collate(
         if "chunk_ids" in item and item["chunk_ids"] is not None:
             chk = _long_1d(item["chunk_ids"], "chunk_ids", i)
         else:
-            chk = torch.full_like(tok, CHUNK_PROTECTED)
+            chk = torch.full_like(tok, PROTECTED_CHUNK)
         if not (len(tok) == len(lab) == len(chk)):
             raise ValueError(
                 f"batch item {i}: tokens, labels and chunk_ids have lengths "
@@ -107,7 +114,7 @@ def comparative_collate(
         "tokens": pad_sequence(tokens, batch_first=True, padding_value=padding_idx),
         "labels": pad_sequence(labels, batch_first=True, padding_value=ignore_idx),
         "sample_ids": torch.tensor(sample_ids, dtype=torch.long),
-        "chunk_ids": pad_sequence(chunk_ids, batch_first=True, padding_value=CHUNK_PAD),
+        "chunk_ids": pad_sequence(chunk_ids, batch_first=True, padding_value=PAD_CHUNK),
     }
 
     has_class = [("class_id" in item) for item in batch]

@@ -19,12 +19,9 @@ from datasets import Dataset as HFDataset
 from torchtune.models.llama2 import llama2_tokenizer
 from torchtune.models.llama2._tokenizer import Llama2Tokenizer
 
-from comparative_recipe.data.datasets import (
-    _context_qa,
-    ComparativeDataset,
-    CropLike,
-    DEFAULT_QA_INSTRUCTION,
-)
+from comparative_recipe.data.chunking import ChunkingLike, reject_crop_argument
+from comparative_recipe.data.comparative import ComparativeDataset
+from comparative_recipe.data.context_qa import context_qa_from_data, DEFAULT_QA_INSTRUCTION
 
 NAMES = ["Mira", "Tom", "Ana", "Leo", "Sara", "Ivan", "Nora", "Omar", "Lina", "Paul", "Rosa", "Ken"]
 OBJECTS = ["lamp", "boat", "house", "hat", "door", "cup", "kite", "bike", "coat", "box"]
@@ -120,13 +117,14 @@ def needle_qa_dataset(
     split: str = "train",
     max_seq_len: Optional[int] = None,
     instruction: Optional[str] = DEFAULT_QA_INSTRUCTION,
-    crop: CropLike = None,
+    chunking: ChunkingLike = None,
+    **unexpected: Any,
 ) -> ComparativeDataset:
     """The demo dataset: ``needle_qa_records`` through the ``context_qa_dataset`` path.
 
-    One chunk per paragraph (chunking "spans" unless ``crop`` says otherwise). Items as in
+    One chunk per paragraph (mode "spans" unless ``chunking`` says otherwise). Items as in
     ``context_qa_dataset``: ``tokens``, ``labels``, ``chunk_spans``, ``chunk_required``,
-    ``sample_id``, ``chunk_ids``.
+    ``protected_spans``, ``sample_id``, ``chunk_ids``.
 
     ``gold_required=False`` (default) lets input crops remove the gold paragraph too: a cropped
     view then often cannot know the answer, its loss is high, and the comparative loss asks the
@@ -141,20 +139,23 @@ def needle_qa_dataset(
         n_paragraphs (int): paragraphs per sample. Default 4.
         gold_required (bool): mark the gold paragraph required. Default False.
         split (str): "train" or "validation"; they use disjoint random streams.
-        max_seq_len, instruction, crop: as in ``context_qa_dataset``.
+        max_seq_len, instruction, chunking: as in ``context_qa_dataset``.
     """
+    reject_crop_argument(unexpected)
+    if unexpected:
+        raise TypeError(f"needle_qa_dataset got unexpected arguments {sorted(unexpected)}")
     if split not in ("train", "validation"):
         raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
     records = needle_qa_records(n_samples, seed=seed, n_paragraphs=n_paragraphs, split=split)
     if not records:
         raise ValueError("n_samples must be >= 1")
-    return _context_qa(
+    return context_qa_from_data(
         tokenizer,
         HFDataset.from_list(records),
         required_column="gold" if gold_required else None,
         max_seq_len=max_seq_len,
         instruction=instruction,
-        crop=crop,
+        chunking=chunking,
         source="needle_qa_dataset",
     )
 

@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -57,6 +57,7 @@ def tiny_llama(
     tie_word_embeddings: bool = True,
     rope_base: int = 500_000,
     norm_eps: float = 1e-5,
+    attn_dropout: float = 0.0,
 ) -> TransformerDecoder:
     """A small Llama 3.2 decoder built by torchtune's `llama3_2` component builder.
 
@@ -73,6 +74,7 @@ def tiny_llama(
         intermediate_dim=intermediate_dim,
         rope_base=rope_base,
         norm_eps=norm_eps,
+        attn_dropout=attn_dropout,
         scale_factor=_ROPE_SCALE_FACTOR,
         tie_word_embeddings=tie_word_embeddings,
     )
@@ -229,6 +231,7 @@ def tiny_llama_hf_checkpointer(
     checkpoint_dir: Union[str, Path],
     output_dir: Union[str, Path],
     *,
+    checkpoint_files: Optional[List[str]] = None,
     seed: int = 0,
     model_type: str = "LLAMA3_2",
     adapter_checkpoint: Optional[str] = None,
@@ -241,13 +244,16 @@ def tiny_llama_hf_checkpointer(
 
     Meant as the `_component_` of a config's `checkpointer:` section. `seed` and
     `tiny_llama_kwargs` go to `init_tiny_llama_checkpoint` and must match the config's model;
-    the other arguments go to `FullModelHFCheckpointer`, with
-    `checkpoint_files=["model.safetensors"]`.
+    the other arguments go to `FullModelHFCheckpointer`. Without `checkpoint_files` the
+    checkpoint is `checkpoint_dir/model.safetensors`, written first if missing; with them (e.g.
+    a step checkpoint to resume from) those files are loaded as they are.
     """
-    init_tiny_llama_checkpoint(checkpoint_dir, seed=seed, **tiny_llama_kwargs)
+    if checkpoint_files is None:
+        init_tiny_llama_checkpoint(checkpoint_dir, seed=seed, **tiny_llama_kwargs)
+        checkpoint_files = [WEIGHTS_FILE]
     return FullModelHFCheckpointer(
         checkpoint_dir=str(checkpoint_dir),
-        checkpoint_files=[WEIGHTS_FILE],
+        checkpoint_files=list(checkpoint_files),
         model_type=model_type,
         output_dir=str(output_dir),
         adapter_checkpoint=adapter_checkpoint,

@@ -9,20 +9,39 @@ Layout under ``output_dir``::
 A checkpoint directory is written under a temporary name and renamed into place when complete,
 so a run killed at any point leaves either the previous checkpoint or the new one, never half of
 one. ``latest()`` only considers directories that hold ``recipe_state.pt``.
+
+The weights are written by the torchtune checkpointer that loaded the model (it knows the model
+type and the HF weight map); the trainer builds it with ``output_dir=<output_dir>/.staging``, so
+every save lands in a staging directory first and is then moved into place.
 """
 
+import contextlib
+import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-from torchtune import training
+from torchtune import training, utils
 
 RECIPE_STATE_FILE = "recipe_state.pt"
+STAGING_DIR = ".staging"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@contextlib.contextmanager
+def _quiet_torchtune_logs():
+    """torchtune's checkpointer logs "Saving final epoch checkpoint" on every save; the manager
+    logs what it really saved instead."""
+    logger = utils.get_logger()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -42,47 +61,48 @@ class CheckpointManager:
     """Saves and finds checkpoints written through a torchtune checkpointer.
 
     Args:
-        checkpointer: the torchtune checkpointer that loaded the model (it knows the model type
-            and the weight map needed to write HF-format files).
         output_dir: the run's output directory.
         keep_last: how many step checkpoints to keep (older ones are deleted after a save).
+
+    Attributes:
+        checkpointer: the torchtune checkpointer that loaded the model, built with
+            ``output_dir=staging_dir``; set it before saving.
+        in_use: a checkpoint directory the checkpointer reads from (a resumed one); never pruned.
     """
 
-    def __init__(self, checkpointer: Any, output_dir: str, keep_last: int = 2):
-        if keep_last < 1:
-            raise ValueError(f"keep_last_checkpoints must be >= 1, got {keep_last}")
-        self.checkpointer = checkpointer
+    def __init__(self, output_dir: str, keep_last: int = 2):
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+            raise ValueError(f"keep_last_checkpoints must be an integer >= 1, got {keep_last!r}")
         self.output_dir = Path(output_dir)
         self.root = self.output_dir / "checkpoints"
+        self.staging_dir = self.output_dir / STAGING_DIR
         self.keep_last = keep_last
+        self.checkpointer: Any = None
+        self.in_use: Optional[Path] = None
 
     def _write(self, dst: Path, model_state: Dict[str, torch.Tensor], recipe_state: Optional[Dict]) -> Path:
+        if self.checkpointer is None:
+            raise RuntimeError("CheckpointManager.checkpointer is not set")
+        # torchtune's HF checkpointer converts the weights and writes them, with config.json and
+        # the other files of its input checkpoint, to <its output dir>/epoch_<n>/.
+        written = self.staging_dir / "epoch_0"
+        shutil.rmtree(written, ignore_errors=True)
+        with _quiet_torchtune_logs():
+            self.checkpointer.save_checkpoint(
+                {training.MODEL_KEY: dict(model_state)}, epoch=0, intermediate_checkpoint=False
+            )
+        if recipe_state is not None:
+            torch.save(recipe_state, written / RECIPE_STATE_FILE)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-        try:
-            # torchtune's HF checkpointer converts the weights and writes them (with config.json
-            # and the other input files) to <its output dir>/epoch_<n>/; point it at staging.
-            saved_dir = self.checkpointer._output_dir
-            self.checkpointer._output_dir = staging
-            try:
-                self.checkpointer.save_checkpoint(
-                    {training.MODEL_KEY: dict(model_state)}, epoch=0, intermediate_checkpoint=False
-                )
-            finally:
-                self.checkpointer._output_dir = saved_dir
-            written = staging / "epoch_0"
-            if recipe_state is not None:
-                torch.save(recipe_state, written / RECIPE_STATE_FILE)
-            _replace_dir(written, dst)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        _replace_dir(written, dst)
         return dst
 
     def save(self, step: int, model_state: Dict[str, torch.Tensor], recipe_state: Dict) -> Path:
         """Writes ``checkpoints/step_<step>`` atomically and prunes old step checkpoints."""
         path = self._write(self.root / f"step_{step:06d}", model_state, recipe_state)
         for old in self.step_dirs()[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != self.in_use:
+                shutil.rmtree(old, ignore_errors=True)
         return path
 
     def save_best(self, model_state: Dict[str, torch.Tensor], info: Dict) -> Path:
@@ -90,8 +110,11 @@ class CheckpointManager:
         return self._write(self.output_dir / "best", model_state, info)
 
     def remove_incomplete(self) -> None:
-        """Cleans up after a run killed while saving: deletes staging directories and restores
+        """Cleans up after a run killed while saving: empties the staging directory and restores
         a checkpoint that was swapped out (``.<name>.old``) but not yet replaced."""
+        if self.staging_dir.is_dir():
+            for p in self.staging_dir.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         for parent in (self.root, self.output_dir):
             if not parent.is_dir():
                 continue
@@ -102,9 +125,8 @@ class CheckpointManager:
                     target = p.with_name(p.name[1 : -len(".old")])
                     if not target.exists():
                         os.replace(p, target)
-                        continue
-                if p.name.startswith((".step_", ".best.")):
-                    shutil.rmtree(p)
+                    else:
+                        shutil.rmtree(p)
 
     def step_dirs(self) -> List[Path]:
         """Complete step checkpoints, oldest first."""
@@ -134,3 +156,20 @@ def weight_files(checkpoint_dir: Path) -> List[str]:
 
 def load_recipe_state(checkpoint_dir: Path) -> Dict[str, Any]:
     return torch.load(Path(checkpoint_dir) / RECIPE_STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def instantiate_checkpointer(cfg_checkpointer: Any, **overrides: Any) -> Any:
+    """The configured checkpointer (``overrides`` replace config keys), with a clear message when
+    its files are missing."""
+    from torchtune import config
+
+    try:
+        return config.instantiate(cfg_checkpointer, **overrides)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"checkpoint files not found ({e}). Check checkpointer.checkpoint_dir "
+            f"({overrides.get('checkpoint_dir', cfg_checkpointer.get('checkpoint_dir'))}) and "
+            f"checkpointer.checkpoint_files "
+            f"({list(overrides.get('checkpoint_files', cfg_checkpointer.get('checkpoint_files', [])))}): "
+            "the directory must hold the weights and config.json of an HF-format model"
+        ) from e

@@ -1,10 +1,13 @@
 """The training and validation dataloaders, resumable mid-epoch and identical on any rank count."""
 
 from functools import partial
+from typing import Any, NamedTuple, Optional
 
+from omegaconf import DictConfig
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+from torchtune import config
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 from comparative_recipe.data.collate import comparative_collate
@@ -80,3 +83,37 @@ def build_eval_dataloader(
         shuffle=False,
         collate_fn=partial(comparative_collate, padding_idx=pad_id),
     )
+
+
+class RecipeData(NamedTuple):
+    """What a run trains and validates on: the training dataset, this rank's training batches,
+    its share of the validation set (None without ``validation``) and the padding token id."""
+
+    dataset: Dataset
+    dataloader: StatefulDataLoader
+    val_dataloader: Optional[StatefulDataLoader]
+    pad_id: int
+
+
+def setup_data(
+    cfg: DictConfig, tokenizer: Any, *, pad_id: int, seed: int, rank: int = 0, world_size: int = 1
+) -> RecipeData:
+    """The configured datasets and their dataloaders.
+
+    ``seed`` (the run's) shuffles the training order, so a run on one device and one on N ranks
+    see the same samples in each global batch; with seed 0 the batches are torchtune's.
+    """
+    dataset = config.instantiate(cfg.dataset, tokenizer)
+    dataloader = build_dataloader(
+        dataset, batch_size=cfg.batch_size, shuffle=cfg.shuffle, pad_id=pad_id,
+        seed=seed, rank=rank, world_size=world_size,
+    )
+    val_dataloader = None
+    val_cfg = cfg.get("validation", None)
+    if val_cfg is not None:
+        val_dataloader = build_eval_dataloader(
+            config.instantiate(val_cfg.dataset, tokenizer),
+            batch_size=val_cfg.get("batch_size", cfg.batch_size),
+            pad_id=pad_id, rank=rank, world_size=world_size,
+        )
+    return RecipeData(dataset, dataloader, val_dataloader, pad_id)

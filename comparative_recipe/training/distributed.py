@@ -13,6 +13,12 @@ import torch.distributed as dist
 from torch import nn
 from torchtune import training
 
+# Config keys that only a torchrun-launched (FSDP2) run reads.
+DISTRIBUTED_KEYS = (
+    "fsdp_cpu_offload", "fsdp_reshard_after_forward", "distributed_timeout_minutes",
+    "count_collectives",
+)
+
 
 def init_process_group(device: torch.device, timeout_minutes: Optional[float] = None) -> Tuple[int, int]:
     """Joins the process group torchrun set up (env://): nccl on CUDA, gloo on CPU.
@@ -70,3 +76,111 @@ def shard_model(model: nn.Module, *, cpu_offload: bool, reshard_after_forward: b
         cpu_offload=cpu_offload,
         reshard_after_forward=reshard_after_forward,
     )
+
+
+class World:
+    """The processes a run trains on, and how the model is laid over them.
+
+    One process (``World.single_device``) is the smallest case: collectives are no-ops, the model
+    is built on the device and loaded directly. A torchrun job (``World.from_torchrun``) joins the
+    process group, builds the model on the meta device, shards it with FSDP2 (one unit per
+    decoder layer) and loads each rank's shard. The training loop calls the same methods either
+    way; nothing else in it knows how many ranks there are.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        world_size: int = 1,
+        rank: int = 0,
+        sharded: bool = False,
+        cpu_offload: bool = False,
+        reshard_after_forward: bool = True,
+    ) -> None:
+        self.device = device
+        self.world_size, self.rank = world_size, rank
+        self.is_rank_zero = rank == 0
+        self.sharded = sharded
+        self.cpu_offload = cpu_offload
+        self.reshard_after_forward = reshard_after_forward
+
+    @classmethod
+    def single_device(cls, device: torch.device) -> "World":
+        return cls(device)
+
+    @classmethod
+    def from_torchrun(
+        cls,
+        device: torch.device,
+        *,
+        timeout_minutes: Optional[float] = None,
+        cpu_offload: bool = False,
+        reshard_after_forward: bool = True,
+    ) -> "World":
+        """Joins the process group torchrun set up and shards models with FSDP2."""
+        check_cpu_offload(cpu_offload, device)
+        world_size, rank = init_process_group(device, timeout_minutes)
+        if device.type == "cpu":
+            set_threads_per_rank()
+        return cls(
+            device, world_size=world_size, rank=rank, sharded=True, cpu_offload=cpu_offload,
+            reshard_after_forward=reshard_after_forward,
+        )
+
+    def model_init_device(self) -> torch.device:
+        """Where to build the model: the meta device when it will be sharded."""
+        return torch.device("meta") if self.sharded else self.device
+
+    def load_model(self, model: nn.Module, state_dict: dict, dtype: torch.dtype) -> None:
+        """Loads the full ``state_dict`` into ``model`` (sharding it first when sharded)."""
+        if not self.sharded:
+            model.load_state_dict(state_dict)
+            training.validate_expected_param_dtype(model.named_parameters(), dtype=dtype)
+            return
+        shard_model(
+            model, cpu_offload=self.cpu_offload, reshard_after_forward=self.reshard_after_forward
+        )
+        with training.set_default_dtype(dtype), self.device:
+            for m in model.modules():
+                if hasattr(m, "rope_init"):  # RoPE caches are not in the state dict
+                    m.rope_init()
+        training.load_from_full_model_state_dict(
+            model, state_dict, self.device, strict=True, cpu_offload=self.cpu_offload
+        )
+        training.validate_no_params_on_meta_device(model)
+
+    def full_model_state(self, model: nn.Module) -> Optional[dict]:
+        """The whole model's state dict on rank 0 (None elsewhere); collective when sharded."""
+        if not self.sharded:
+            return model.state_dict()
+        return training.gather_cpu_state_dict(model, self.is_rank_zero, device=self.device)
+
+    def full_optimizer_state(self, model: nn.Module, optimizer) -> Optional[dict]:
+        """The optimizer state for the whole model on rank 0; collective when sharded."""
+        if not self.sharded:
+            return optimizer.state_dict()
+        return training.get_full_optimizer_state_dict(
+            model, optimizer, self.is_rank_zero, device=self.device
+        )
+
+    def load_optimizer_state(self, model: nn.Module, optimizer, state: dict) -> None:
+        if not self.sharded:
+            optimizer.load_state_dict(state)
+        else:
+            training.load_from_full_optimizer_state_dict(model, optimizer, state, self.device)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(t) if self.world_size > 1 else t
+
+    def barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    def grad_sync_setter(self, model: nn.Module):
+        """FSDP's ``set_requires_gradient_sync`` of a sharded model, else None."""
+        return model.set_requires_gradient_sync if self.sharded else None
+
+    def close(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

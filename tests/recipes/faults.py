@@ -5,7 +5,7 @@ import os
 
 from torch.utils.data import Dataset
 
-from comparative_recipe.data.datasets import comparative_dataset
+from comparative_recipe.data import comparative_dataset
 
 
 class _FailsOnRank(Dataset):

@@ -71,9 +71,9 @@ def instruct_source(assets):
 def comparative_config(assets, out, **overrides):
     cfg = base_config(assets, out)
     cfg.update({
-        "dataset": {"_component_": "comparative_recipe.data.datasets.comparative_dataset",
+        "dataset": {"_component_": "comparative_recipe.data.comparative_dataset",
                     "builder": "torchtune.datasets.instruct_dataset", **instruct_source(assets),
-                    "crop": {"chunking": "window", "window": 12}},
+                    "chunking": {"mode": "window", "window": 12}},
         "task": "sft",
         "loss": {"_component_": "comparative_recipe.loss.ComparativeLoss"},
         "ablation": {"n_hidden": 1, "n_input": 1, "hidden": {"rate": 0.2}},

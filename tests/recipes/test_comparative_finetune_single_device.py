@@ -100,9 +100,13 @@ BAD_INPUTS = [
     ({"ablation": {"n_hidden": 1, "hidden": {"sites": ["ffn_hiden"]}}}, "ffn_hiden"),
     ({"ablation": {"n_input": 1, "crop": {"rate": -0.1}}}, "rate"),
     ({"strategy": "stack"}, "strategy"),
-    ({"dataset": {"_component_": "comparative_recipe.data.datasets.comparative_dataset",
+    ({"gradient_acumulation_steps": 2}, "did you mean 'gradient_accumulation_steps'"),
+    ({"fsdp_cpu_offload": False}, "comparative_finetune_distributed"),
+    ({"validation": {"dataset": {}, "every_n_step": 2}}, "every_n_steps"),
+    ({"dataset": {"_component_": "comparative_recipe.data.comparative_dataset",
                   "builder": "torchtune.datasets.instruct_dataset", "source": "json",
-                  "data_files": "DATA", "split": "train", "crop": {"protect_leading": 100000}}},
+                  "data_files": "DATA", "split": "train",
+                  "chunking": {"protect_leading": 100000}}},
      "droppable chunk"),
     ({"model": {"_component_": "comparative_recipe.models.tiny.tiny_llama", **dict(MODEL, vocab_size=256)},
       "checkpointer": {"_component_": "comparative_recipe.models.tiny.tiny_llama_hf_checkpointer",
@@ -143,13 +147,13 @@ def test_classification_reports_accuracy_for_every_pass(assets, tmp_path):
         for i in range(40)
     ]
     (tmp_path / "cls.csv").write_text("\n".join(rows) + "\n")
-    dataset = {"_component_": "comparative_recipe.data.datasets.classification_dataset",
+    dataset = {"_component_": "comparative_recipe.data.classification_dataset",
                "source": "csv", "data_files": str(tmp_path / "cls.csv"), "split": "train",
                "label_words": ["no", "yes"], "template": "Review: {text}\nLabel:"}
     cfg = comparative_config(assets, tmp_path / "cls", dataset=dataset, task="classification",
                              ablation={"n_hidden": 2}, strategy="stacked",
                              validation={"dataset": dataset, "every_n_steps": 3,
-                                         "metric": "val_accuracy_0"})
+                                         "metric": "val_accuracy_0", "passes": "all"})
     run_recipe(cfg, tmp_path, "cls")
     metrics = read_metrics(tmp_path / "cls" / "logs")
     for k in range(3):
@@ -159,3 +163,22 @@ def test_classification_reports_accuracy_for_every_pass(assets, tmp_path):
     best = torch.load(tmp_path / "cls" / "best" / "recipe_state.pt", weights_only=False)
     assert best["metric"] == "val_accuracy_0"
     assert best["value"] == max(metrics[s]["val_accuracy_0"] for s in (3, 6))
+
+
+def test_validation_follows_its_cadence_without_a_second_run_at_epoch_ends(assets, tmp_path):
+    """Regression: with every_n_steps 3 and epochs of 4 steps, validation ran at step 3 and
+    again at step 4 (the epoch end the cadence just missed), then at 6 and 8. With a cadence it
+    now runs on the cadence only; without one, at every epoch end."""
+    val = dict(comparative_config(assets, tmp_path)["dataset"])
+    cfg = comparative_config(assets, tmp_path / "cadence", epochs=2, max_steps_per_epoch=4,
+                             validation={"dataset": val, "every_n_steps": 3})
+    run_recipe(cfg, tmp_path, "cadence")
+    metrics = read_metrics(tmp_path / "cadence" / "logs")
+    assert sorted(s for s in metrics if "val_loss_0" in metrics[s]) == [3, 6]
+    # the full model alone by default: no ablation losses in validation
+    assert "val_loss_1" not in metrics[3]
+    cfg = comparative_config(assets, tmp_path / "epochs", epochs=2, max_steps_per_epoch=4,
+                             validation={"dataset": val})
+    run_recipe(cfg, tmp_path, "epochs")
+    metrics = read_metrics(tmp_path / "epochs" / "logs")
+    assert sorted(s for s in metrics if "val_loss_0" in metrics[s]) == [4, 8]

@@ -19,13 +19,18 @@ from tests.test_passes import HIDDEN, PAD, make_batch, make_model
 from comparative_recipe.ablation.hidden import install_hidden_ablation
 from comparative_recipe.ablation.plan import ablation_plan
 from comparative_recipe.loss import ComparativeLoss
-from comparative_recipe.passes import STRATEGIES, comparative_step
+from comparative_recipe.passes import STRATEGIES, ComparativeStepSpec, comparative_step
 from comparative_recipe.tasks import SFTTask
 from comparative_recipe.training.distributed import all_reduce_sum, shard_model
 
 BATCH = dict(batch_size=8, seq=40)
-STEP_KW = dict(plan=ablation_plan(n_hidden=1, n_input=1), task=SFTTask(), loss_fn=ComparativeLoss(),
-               crop_rate=0.4, pad_id=PAD, seed=3, step=5)
+STEP = 5
+
+
+def spec(strategy):
+    return ComparativeStepSpec(plan=ablation_plan(n_hidden=1, n_input=1), task=SFTTask(),
+                               loss_fn=ComparativeLoss(), strategy=strategy, crop_rate=0.4,
+                               pad_id=PAD, seed=3)
 
 
 def main(out: str) -> None:
@@ -39,8 +44,8 @@ def main(out: str) -> None:
         install_hidden_ablation(model, HIDDEN)
         for strategy in STRATEGIES:
             model.zero_grad(set_to_none=True)
-            res = comparative_step(model, batch, strategy=strategy,
-                                   set_grad_sync=model.set_requires_gradient_sync, **STEP_KW)
+            res = comparative_step(model, batch, spec(strategy), step=STEP,
+                                   set_grad_sync=model.set_requires_gradient_sync)
             weight = all_reduce_sum(res.sample_weight.sum())
             training.scale_grads(model, world / weight)
             grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad.full_tensor()

@@ -1,3 +1,5 @@
+"""comparative_collate: shapes, padding values, errors."""
+
 import pytest
 import torch
 

@@ -1,18 +1,15 @@
+"""Step-time input crops: nested drop counts, drop orders, crop views."""
+
 import pytest
 import torch
 
-from comparative_recipe.ablation.chunks import (
-    CropConfig,
+from comparative_recipe.ablation.crops import (
     chunk_counts,
     chunk_drop_ranks,
     crop_views,
     nested_drop_counts,
-    protected_mask,
-    sample_chunk_ids,
-    separator_chunk_ids,
-    span_chunk_ids,
-    window_chunk_ids,
 )
+from comparative_recipe.data.chunking import protected_mask, window_chunk_ids
 
 X = -100  # label of a context token
 PAD = 0
@@ -119,155 +116,6 @@ def test_drop_counts_reject_bad_arguments():
         nested_drop_counts(long([[3]]), 1, 0.5)
     with pytest.raises(ValueError, match="n_chunks"):
         nested_drop_counts(long([-1]), 1, 0.5)
-
-
-# ----------------------------------------------------------------------------------------------
-# chunkers
-
-
-def test_protected_mask_by_hand():
-    #            0  1  2  3  4  5  6  7  8  9 10 11 12 13
-    tokens = long([1, 2, 3, 4, 5, 6, 7, 8, 9, 3, 5, 6, 7, 8])
-    labels = long([X, X, X, X, X, X, X, 8, 9, X, X, X, X, 8])
-    mask = protected_mask(tokens, labels, protect_leading=2, protect_trailing=2, special_ids={3})
-    # leading 0,1; special (id 3) at 2 and 9; trailing before each answer: 5,6 and 11,12; labels
-    expected = [1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0, 1, 1, 1]
-    assert mask.tolist() == [bool(v) for v in expected]
-
-
-def test_protected_mask_defaults_protect_only_labels():
-    tokens = long([4, 5, 6, 7])
-    labels = long([X, X, 6, X])
-    assert protected_mask(tokens, labels).tolist() == [False, False, True, False]
-
-
-def test_protected_mask_without_labels_protects_the_end():
-    tokens = long([4, 5, 6, 7, 8])
-    labels = long([X] * 5)
-    mask = protected_mask(tokens, labels, protect_trailing=2)
-    assert mask.tolist() == [False, False, False, True, True]
-
-
-def test_protected_mask_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="protect_leading"):
-        protected_mask(long([1, 2]), long([X, 2]), protect_leading=-1)
-    with pytest.raises(ValueError, match="one length"):
-        protected_mask(long([1, 2]), long([X, 2, 3]))
-
-
-def test_window_chunks_by_hand():
-    labels = long([X, X, X, X, X, X, X, 8, 9])
-    protected = torch.zeros(9, dtype=torch.bool)
-    protected[2] = True
-    # runs 0-1 and 3-6; windows of 3 restart at each run
-    assert window_chunk_ids(labels, protected, 3).tolist() == [0, 0, -1, 1, 1, 1, 2, -1, -1]
-    assert window_chunk_ids(labels, protected, 1).tolist() == [0, 1, -1, 2, 3, 4, 5, -1, -1]
-    assert window_chunk_ids(labels, protected, 100).tolist() == [0, 0, -1, 1, 1, 1, 1, -1, -1]
-
-
-def test_window_chunks_of_nothing():
-    assert window_chunk_ids(long([5, 6]), torch.zeros(2, dtype=torch.bool), 2).tolist() == [-1, -1]
-    assert window_chunk_ids(long([]), torch.zeros(0, dtype=torch.bool), 2).tolist() == []
-
-
-@pytest.mark.parametrize("window", [0, -3, 2.5])
-def test_window_must_be_positive_int(window):
-    with pytest.raises(ValueError, match="window"):
-        window_chunk_ids(long([X, X]), torch.zeros(2, dtype=torch.bool), window)
-
-
-def test_separator_chunks_by_hand():
-    #            0    1  2  3  4  5  6  7  8  9 10
-    tokens = long([100, 9, 2, 3, 9, 4, 5, 9, 9, 7, 8])
-    labels = long([X, X, X, X, X, X, X, X, X, 7, 8])
-    protected = protected_mask(tokens, labels, protect_leading=1)
-    ids = separator_chunk_ids(tokens, labels, protected, [9])
-    # pieces [9] [2 3 9] [4 5 9] [9]: separator-only pieces join a neighbour of their run
-    assert ids.tolist() == [-1, 0, 0, 0, 0, 1, 1, 1, 1, -1, -1]
-
-
-def test_separator_chunks_restart_at_protected_tokens():
-    tokens = long([2, 9, 3, 4, 9, 5])
-    labels = long([X] * 6)
-    protected = torch.tensor([False, False, False, True, False, False])
-    assert separator_chunk_ids(tokens, labels, protected, [9]).tolist() == [0, 0, 1, -1, 2, 2]
-
-
-def test_multi_token_separator_matches_greedily_without_overlap():
-    tokens = long([1, 9, 9, 9, 2, 9, 9, 3])
-    labels = long([X] * 8)
-    protected = torch.zeros(8, dtype=torch.bool)
-    ids = separator_chunk_ids(tokens, labels, protected, [9, 9])
-    assert ids.tolist() == [0, 0, 0, 1, 1, 1, 1, 2]
-
-
-def test_separator_absent_gives_one_chunk_per_run():
-    tokens = long([1, 2, 3, 4])
-    labels = long([X, X, X, 4])
-    ids = separator_chunk_ids(tokens, labels, torch.zeros(4, dtype=torch.bool), [9, 8])
-    assert ids.tolist() == [0, 0, 0, -1]
-
-
-def test_separator_must_be_non_empty():
-    with pytest.raises(ValueError, match="separator_ids"):
-        separator_chunk_ids(long([1]), long([X]), torch.zeros(1, dtype=torch.bool), [])
-
-
-def test_span_chunks_by_hand():
-    protected = torch.zeros(12, dtype=torch.bool)
-    protected[2] = True
-    spans = [(6, 9), (1, 4), (9, 11)]
-    ids = span_chunk_ids(12, spans, [False, False, True], protected)
-    assert ids.tolist() == [-1, 0, -1, 0, -1, -1, 1, 1, 1, -1, -1, -1]
-    # no required list: every span is droppable; a fully protected span is no chunk
-    protected[6:9] = True
-    assert span_chunk_ids(12, spans, None, protected).tolist() == [
-        -1, 0, -1, 0, -1, -1, -1, -1, -1, 1, 1, -1
-    ]
-
-
-@pytest.mark.parametrize(
-    "spans, required, message",
-    [
-        ([(0, 5), (4, 8)], None, "overlap"),
-        ([(3, 13)], None, "out of bounds"),
-        ([(-1, 2)], None, "out of bounds"),
-        ([(4, 4)], None, "empty"),
-        ([(0, 2)], [True, False], "required"),
-    ],
-)
-def test_span_chunks_reject_bad_spans(spans, required, message):
-    with pytest.raises(ValueError, match=message):
-        span_chunk_ids(12, spans, required, torch.zeros(12, dtype=torch.bool))
-
-
-def test_sample_chunk_ids_dispatches_on_config():
-    tokens = long([1, 5, 9, 6, 9, 7, 8])
-    labels = long([X, X, X, X, X, 7, 8])
-    specials = {1}
-    window = sample_chunk_ids(tokens, labels, CropConfig(window=2), special_ids=specials)
-    assert window.tolist() == [-1, 0, 0, 1, 1, -1, -1]
-    separator = CropConfig(chunking="separator", protect_trailing=1)
-    ids = sample_chunk_ids(tokens, labels, separator, special_ids=specials, separator_ids=[9])
-    assert ids.tolist() == [-1, 0, 0, 1, -1, -1, -1]
-    spans = sample_chunk_ids(tokens, labels, CropConfig(chunking="spans"), spans=[(2, 4)])
-    assert spans.tolist() == [-1, -1, 0, 0, -1, -1, -1]
-    with pytest.raises(ValueError, match="separator_ids"):
-        sample_chunk_ids(tokens, labels, separator)
-
-
-def test_crop_config_validates():
-    assert CropConfig().rate == 0.5
-    with pytest.raises(ValueError, match="rate"):
-        CropConfig(rate=1.0)
-    with pytest.raises(ValueError, match="chunking"):
-        CropConfig(chunking="sentences")
-    with pytest.raises(ValueError, match="window"):
-        CropConfig(window=0)
-    with pytest.raises(ValueError, match="separator"):
-        CropConfig(chunking="separator", separator="")
-    with pytest.raises(ValueError, match="protect_trailing"):
-        CropConfig(protect_trailing=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,7 +242,7 @@ def test_exhausted_marks_levels_that_repeat_the_previous_one():
                        step=0, pad_id=PAD)
     assert [int(v.dropped_chunks[0]) for v in views] == [0, 1, 2, 2]
     assert [bool(v.exhausted[0]) for v in views] == [False, False, False, True]
-    assert views[2].tokens.tolist() == [[1, 6]]
+    assert views[2].tokens.tolist() == [[1, 5, 6]]  # 5 predicts the label: kept, chunk or not
     assert torch.equal(views[3].tokens, views[2].tokens)
 
 
@@ -413,7 +261,7 @@ def test_different_step_drops_different_chunks():
     tokens = torch.arange(2, 42)[None, :]
     labels = torch.full_like(tokens, X)
     labels[0, -1] = tokens[0, -1]
-    chunk_ids = torch.cat([torch.arange(39), long([-1])])[None, :]
+    chunk_ids = torch.cat([torch.arange(38), long([-1, -1])])[None, :]
     kept = [
         crop_views(tokens, labels, chunk_ids, long([5]), [1], rate=0.5, seed=1, step=step,
                    pad_id=PAD)[0].token_keys
@@ -445,3 +293,37 @@ def test_crop_views_reject_bad_inputs():
     with pytest.raises(ValueError, match="one shape"):
         crop_views(tokens, labels[:, 1:], chunk_ids, sample_ids, [1], rate=0.5, seed=0, step=0,
                    pad_id=PAD)
+
+
+def scored_targets(labels):
+    """Targets a pass scores, per row: positions i whose shifted label (label i+1) is kept."""
+    return (labels[:, 1:] != X).sum(1)
+
+
+def test_every_view_scores_exactly_the_targets_of_the_full_view():
+    """Regression: with no BOS and nothing protected before the answer, a crop that dropped all
+    the context put the first answer token at position 0, where nothing predicts it. The token
+    before each labelled token is kept whatever chunk_ids say (they may come from any dataset)."""
+    # row 0: context in 3 chunks, then the answer; row 1: two turns, chunks right before each
+    tokens = long([[11, 12, 13, 14, 15, 16, 17, 18, 0, 0],
+                   [21, 22, 23, 24, 25, 26, 27, 28, 29, 30]])
+    labels = long([[X, X, X, X, X, X, 17, 18, X, X],
+                   [X, X, X, 24, 25, X, X, X, 29, 30]])
+    chunk_ids = long([[0, 0, 1, 1, 2, 2, -1, -1, -2, -2],
+                      [0, 0, 1, -1, -1, 2, 2, 3, -1, -1]])
+    views = crop_views(tokens, labels, chunk_ids, long([0, 1]), [0, 1, 2, 3, 4], rate=0.5,
+                       seed=0, step=0, pad_id=PAD)
+    assert scored_targets(labels).tolist() == [2, 4]
+    for view in views:
+        assert scored_targets(view.labels).tolist() == [2, 4], view.level
+    last = views[-1]
+    assert last.dropped_chunks.tolist() == [3, 4]  # every chunk dropped
+    assert last.tokens[0, : last.lengths[0]].tolist() == [16, 17, 18]
+    assert last.tokens[1, : last.lengths[1]].tolist() == [23, 24, 25, 28, 29, 30]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_views_score_the_targets_of_the_full_view(seed):
+    batch = random_batch(seed)
+    for view in views_of(batch):
+        assert torch.equal(scored_targets(view.labels), scored_targets(batch[1]))

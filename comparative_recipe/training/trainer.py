@@ -1,0 +1,387 @@
+"""The training loop, written once for every method, any number of ranks (one included), CPU
+and CUDA.
+
+    trainer = Trainer(cfg, method, world)      # checks every config key first
+    trainer.setup()                            # data, model (+ FSDP2, AC), optimizer, resume
+    trainer.train()                            # the loop
+    trainer.close()
+
+The loop owns what every method shares: data loading, gradient accumulation, global
+normalisation, clipping, the optimizer and LR schedule, step metrics and the progress bar,
+periodic validation with best-checkpoint selection, step checkpoints, exact resume and kill-safe
+saves. A method plugs in what is its own (``TrainingMethod``): how the model is prepared, its
+step (a batch -> named sums, backward inside) and its metrics. ``World`` hides how many ranks
+there are.
+
+Global normalisation: each micro-batch back-propagates an unnormalised sum; one all-reduce per
+optimizer step carries every named sum, and gradients are scaled by
+``world_size / sums[method.normaliser]`` (FSDP averages gradients over ranks), so 1 rank x 8,
+2 ranks x 4 and 2 ranks x 2 x 2 accumulation steps train alike.
+"""
+
+import contextlib
+import difflib
+import time
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torchtune import config, modules, training, utils
+from torchtune.training.lr_schedulers import get_lr
+from tqdm import tqdm
+
+from comparative_recipe.ablation.hidden import set_activation_checkpointing
+from comparative_recipe.data.collate import collate_padding_idx
+from comparative_recipe.data.tokenizer_utils import validate_vocab
+from comparative_recipe.training.checkpointing import (
+    CheckpointManager,
+    instantiate_checkpointer,
+    load_recipe_state,
+    weight_files,
+)
+from comparative_recipe.training.costs import CollectiveCounter, peak_memory, reset_peak_memory
+from comparative_recipe.training.dataloader import RecipeData, setup_data
+from comparative_recipe.training.distributed import World
+from comparative_recipe.training.progress import TrainingProgress
+from comparative_recipe.training.sums import Sums
+
+log = utils.get_logger("INFO")
+
+# Top-level config keys the loop reads. Anything else must be read by the method or the world,
+# or it is an error (a key that would be ignored).
+TRAINER_KEYS = frozenset({
+    "output_dir", "tokenizer", "model", "checkpointer", "resume_from_checkpoint", "dataset",
+    "seed", "shuffle", "batch_size", "validation", "optimizer", "lr_scheduler", "epochs",
+    "max_steps_per_epoch", "gradient_accumulation_steps", "clip_grad_norm", "save_every_n_steps",
+    "keep_last_checkpoints", "device", "dtype", "enable_activation_checkpointing", "compile",
+    "metric_logger", "log_every_n_steps", "num_output_chunks",
+})
+VALIDATION_KEYS = frozenset({"dataset", "batch_size", "every_n_steps", "metric"})
+
+
+class TrainingMethod(Protocol):
+    """What a training method brings to the loop.
+
+    config_keys / validation_keys: the top-level and ``validation`` config keys it reads.
+    normaliser: the name of the sum that divides the accumulated gradients.
+    default_metric: the validation metric that selects the best checkpoint by default.
+    """
+
+    config_keys: frozenset
+    validation_keys: frozenset
+    normaliser: str
+    default_metric: str
+
+    def prepare(self, model: nn.Module, data: RecipeData) -> None:
+        """Readies the (loaded, possibly sharded) model for this method: hooks, heads, ..."""
+
+    def train_step(self, model: nn.Module, batch: Dict[str, torch.Tensor], step: int,
+                   set_grad_sync=None) -> Sums:
+        """Forward and backward of one micro-batch; returns its named sums (detached)."""
+
+    def validation_step(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> Sums:
+        """Forward of one validation batch without gradients; returns its named sums."""
+
+    def step_metrics(self, sums: Dict[str, Any], seconds: float) -> Dict[str, float]:
+        """Logged metrics of an optimizer step from its summed host sums."""
+
+    def validation_metrics(self, sums: Dict[str, Any]) -> Dict[str, float]:
+        """Validation metrics (without the ``val_`` prefix) from the summed host sums."""
+
+    def describe_validation(self, metrics: Dict[str, float]) -> str:
+        """One log line about a validation's metrics (with their ``val_`` prefix)."""
+
+
+def check_config_keys(cfg: Mapping, allowed: Iterable[str], where: str = "the config") -> None:
+    """A key nobody reads is an error naming the closest valid key, before anything runs."""
+    allowed = sorted(set(allowed))
+    unknown = [k for k in cfg if k not in allowed]
+    if not unknown:
+        return
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, allowed, n=1)
+        hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ValueError(
+        f"{where} has keys this recipe does not read: {', '.join(hints)}. Remove them or fix "
+        f"their names; the keys it reads are {allowed}"
+    )
+
+
+def steps_per_epoch(n_batches: int, gradient_accumulation_steps: int, max_steps: Optional[int]) -> int:
+    """Optimizer steps in an epoch of ``n_batches`` micro-batches (per rank)."""
+    if gradient_accumulation_steps < 1:
+        raise ValueError(
+            f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}"
+        )
+    steps = n_batches // gradient_accumulation_steps
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    if steps < 1:
+        raise ValueError(
+            f"an epoch has no optimizer step: {n_batches} batches per rank with "
+            f"gradient_accumulation_steps={gradient_accumulation_steps}"
+        )
+    return steps
+
+
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Optional[Any],
+    grad_scale: torch.Tensor,
+    clip_grad_norm: Optional[float],
+) -> Optional[torch.Tensor]:
+    """Scales the accumulated gradients by ``grad_scale``, clips, steps and zeroes.
+
+    Returns the gradient norm before clipping (None without clipping).
+    """
+    training.scale_grads(model, grad_scale.float())
+    grad_norm = None
+    if clip_grad_norm is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=float(clip_grad_norm))
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    return grad_norm
+
+
+class Trainer:
+    """One training run of ``method`` on ``world`` as ``cfg`` describes (see the module doc).
+
+    Validation (``validation`` section): ``every_n_steps`` set, it runs on that cadence only;
+    unset, at the end of every epoch. ``metric`` (default ``method.default_metric``) selects the
+    checkpoint written to ``output_dir/best``: strictly better values only (a tie keeps the
+    earlier one, a NaN never wins).
+    """
+
+    def __init__(self, cfg: DictConfig, method: TrainingMethod, world: World,
+                 world_keys: Iterable[str] = ()) -> None:
+        check_config_keys(cfg, TRAINER_KEYS | method.config_keys | set(world_keys))
+        val = cfg.get("validation", None)
+        if val is not None:
+            check_config_keys(val, VALIDATION_KEYS | method.validation_keys, "validation")
+        self.cfg, self.method, self.world = cfg, method, world
+        self.device = world.device
+        self.dtype = training.get_dtype(cfg.dtype, device=self.device)
+        if self.dtype == torch.float16:
+            raise ValueError("fp16 training is not supported; use bf16 or fp32")
+        self.grad_accum = cfg.get("gradient_accumulation_steps", 1)
+        self.clip_grad_norm = cfg.get("clip_grad_norm", None)
+        self.log_every = cfg.get("log_every_n_steps", 1)
+        self.save_every = cfg.get("save_every_n_steps", None)
+        self.val_every = val.get("every_n_steps", None) if val is not None else None
+        self.val_metric = val.get("metric", method.default_metric) if val is not None else None
+        self.epochs = cfg.epochs
+        self.progress = TrainingProgress(seed=training.set_seed(seed=cfg.seed))
+        self.collectives: Optional[CollectiveCounter] = None
+
+    # ------------------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        cfg, world = self.cfg, self.world
+        self.metric_logger = config.instantiate(cfg.metric_logger) if world.is_rank_zero else None
+        if self.metric_logger is not None:
+            self.metric_logger.log_config(cfg)
+
+        self.ckpt = CheckpointManager(cfg.output_dir, keep_last=cfg.get("keep_last_checkpoints", 2))
+        if world.is_rank_zero:
+            self.ckpt.remove_incomplete()  # left by a run killed while saving
+        world.barrier()
+        staging = {"output_dir": str(self.ckpt.staging_dir)}
+        recipe_state = None
+        if cfg.get("resume_from_checkpoint", False):
+            latest = self.ckpt.latest()
+            if latest is None:
+                raise FileNotFoundError(
+                    f"resume_from_checkpoint=True but {self.ckpt.root} holds no complete "
+                    "checkpoint (a step_<n> directory with recipe_state.pt); start without "
+                    "resume_from_checkpoint"
+                )
+            checkpointer = instantiate_checkpointer(
+                cfg.checkpointer, checkpoint_dir=str(latest),
+                checkpoint_files=weight_files(latest), **staging,
+            )
+            recipe_state, self.ckpt.in_use = load_recipe_state(latest), latest
+        else:
+            checkpointer = instantiate_checkpointer(cfg.checkpointer, **staging)
+        self.ckpt.checkpointer = checkpointer
+        state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
+
+        tokenizer = config.instantiate(cfg.tokenizer)
+        self.data = setup_data(
+            cfg, tokenizer, pad_id=collate_padding_idx(tokenizer), seed=self.progress.seed,
+            rank=world.rank, world_size=world.world_size,
+        )
+        self.model = self._setup_model(state_dict, tokenizer)
+        del state_dict
+        self.optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
+        self.steps_per_epoch = steps_per_epoch(
+            len(self.data.dataloader), self.grad_accum, cfg.get("max_steps_per_epoch", None)
+        )
+        if recipe_state is not None:
+            self._load_recipe_state(recipe_state)
+        self.lr_scheduler = None
+        if cfg.get("lr_scheduler", None) is not None:
+            self.lr_scheduler = config.instantiate(
+                cfg.lr_scheduler, self.optimizer,
+                num_training_steps=self.epochs * self.steps_per_epoch,
+                last_epoch=self.progress.global_step - 1,
+            )
+        world.barrier()
+
+    def _setup_model(self, state_dict: Dict[str, Any], tokenizer: Any) -> nn.Module:
+        cfg, world = self.cfg, self.world
+        with training.set_default_dtype(self.dtype), world.model_init_device():
+            model = config.instantiate(cfg.model)
+        validate_vocab(tokenizer, model.tok_embeddings.num_embeddings)
+        if cfg.get("compile", False):
+            training.compile_model(model, verbose=world.is_rank_zero)
+        if cfg.get("enable_activation_checkpointing", False):
+            set_activation_checkpointing(
+                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
+            )
+        world.load_model(model, state_dict, self.dtype)
+        self.method.prepare(model, self.data)
+        if cfg.get("num_output_chunks", 0):
+            model.set_num_output_chunks(cfg.num_output_chunks)
+        utils.log_rank_zero(
+            log, f"Model ready on {world.world_size} rank(s) with precision {self.dtype}."
+        )
+        return model
+
+    def _load_recipe_state(self, state: Dict[str, Any]) -> None:
+        self.progress.load_state_dict(state)
+        saved_world = state.get("world_size", 1)
+        if self.progress.steps_into_epoch > 0 and saved_world != self.world.world_size:
+            raise ValueError(
+                f"the checkpoint was written mid-epoch by {saved_world} rank(s); resume it with "
+                f"{saved_world} (this run has {self.world.world_size}), or from a checkpoint at "
+                "an epoch boundary: the data order is split by rank"
+            )
+        self.world.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        if self.progress.steps_into_epoch > 0:
+            self.data.dataloader.load_state_dict(state["dataloader"])
+
+    # ---------------------------------------------------------------------------- saving
+
+    def save_checkpoint(self) -> None:
+        """``checkpoints/step_N``: weights, optimizer, dataloader position and progress."""
+        model_state = self.world.full_model_state(self.model)  # collective when sharded
+        optimizer_state = self.world.full_optimizer_state(self.model, self.optimizer)
+        if self.world.is_rank_zero:
+            state = {
+                **self.progress.state_dict(),
+                "world_size": self.world.world_size,
+                "optimizer": optimizer_state,
+                "dataloader": self.data.dataloader.state_dict(),  # equal on every rank
+            }
+            path = self.ckpt.save(self.progress.global_step, model_state, state)
+            log.info(f"Checkpoint of step {self.progress.global_step} saved to {path}")
+        self.world.barrier()
+
+    # ------------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def validate(self) -> Dict[str, float]:
+        """Runs the method's validation over this rank's share; metrics summed over ranks."""
+        self.model.eval()
+        parts = []
+        for batch in self.data.val_dataloader:
+            utils.batch_to_device(batch, self.device)
+            parts.append(self.method.validation_step(self.model, batch))
+        self.model.train()
+        if not parts:
+            raise ValueError("the validation dataset is empty: add samples or remove `validation`")
+        host = Sums.total(parts).reduced(self.world.all_reduce_sum).to_host()
+        metrics = {f"val_{k}": v for k, v in self.method.validation_metrics(host).items()}
+        step = self.progress.global_step
+        # metrics are summed over ranks: every rank takes the same decision
+        if self.progress.record_best(metrics, self.val_metric):
+            model_state = self.world.full_model_state(self.model)
+            if self.world.is_rank_zero:
+                path = self.ckpt.save_best(model_state, dict(self.progress.best))
+                log.info(
+                    f"Best {self.val_metric} so far ({metrics[self.val_metric]:.4f}, step "
+                    f"{step}): weights saved to {path}"
+                )
+            self.world.barrier()
+        if self.metric_logger is not None:
+            self.metric_logger.log_dict(metrics, step=step)
+        utils.log_rank_zero(log, f"validation at step {step}: " + self.method.describe_validation(metrics))
+        return metrics
+
+    # ------------------------------------------------------------------------------ loop
+
+    def _counting(self):
+        return self.collectives if self.collectives is not None else contextlib.nullcontext()
+
+    def _finish_step(self, micro_sums: List[Sums], seconds_since: float) -> Dict[str, float]:
+        with self._counting():
+            # One all-reduce carries the normaliser with every metric.
+            sums = Sums.total(micro_sums).reduced(self.world.all_reduce_sum)
+            weight = sums[self.method.normaliser].clamp(min=1.0)
+            grad_norm = optimizer_step(
+                self.model, self.optimizer, self.lr_scheduler,
+                grad_scale=self.world.world_size / weight, clip_grad_norm=self.clip_grad_norm,
+            )
+        self.progress.finish_step()
+        metrics = self.method.step_metrics(sums.to_host(), time.perf_counter() - seconds_since)
+        metrics["lr"] = get_lr(self.optimizer)
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        metrics[f"peak_memory_{self.device.type}"] = peak_memory(self.device)
+        if self.collectives is not None:
+            metrics["collectives"] = self.collectives.count
+            metrics["collective_bytes"] = self.collectives.bytes
+            self.collectives.reset()
+        return metrics
+
+    def train(self) -> None:
+        progress, data = self.progress, self.data
+        grad_sync = self.world.grad_sync_setter(self.model)
+        self.optimizer.zero_grad()
+        for epoch in range(progress.epochs_run, self.epochs):
+            data.dataloader.sampler.set_epoch(epoch)
+            pbar = tqdm(total=self.steps_per_epoch, initial=progress.steps_into_epoch,
+                        disable=not self.world.is_rank_zero)
+            micro, t0 = [], time.perf_counter()
+            reset_peak_memory(self.device)
+            for batch in data.dataloader:
+                utils.batch_to_device(batch, self.device)
+                with self._counting():
+                    micro.append(self.method.train_step(
+                        self.model, batch, progress.global_step, set_grad_sync=grad_sync
+                    ))
+                if len(micro) < self.grad_accum:
+                    continue
+                metrics = self._finish_step(micro, t0)
+                pbar.update(1)
+                pbar.set_description(
+                    f"{epoch + 1}|{progress.global_step}|loss: {metrics['loss']:.4f}"
+                )
+                if self.metric_logger is not None and progress.due(self.log_every):
+                    self.metric_logger.log_dict(metrics, step=progress.global_step)
+                if data.val_dataloader is not None and progress.due(self.val_every):
+                    self.validate()
+                if progress.steps_into_epoch >= self.steps_per_epoch:
+                    break  # the epoch's end saves
+                if progress.due(self.save_every):
+                    self.save_checkpoint()
+                micro, t0 = [], time.perf_counter()
+                reset_peak_memory(self.device)
+            pbar.close()
+            progress.finish_epoch()
+            if data.val_dataloader is not None and not self.val_every:
+                self.validate()
+            self.save_checkpoint()
+
+    def close(self) -> None:
+        if self.metric_logger is not None:
+            self.metric_logger.close()
+        self.world.close()

@@ -1,7 +1,8 @@
 """The comparative step: views of a batch, the 1+c passes, the loss and its backward.
 
-Both recipes and the tests call ``comparative_step``; nothing here knows about optimizers,
-ranks or logging. Pass k runs the model on crop view ``plan[k].crop_level`` with hidden masks of
+The comparative method (``methods.comparative``) calls ``comparative_step`` with a
+``ComparativeStepSpec`` built once from the config; nothing here knows about optimizers, ranks
+or logging. Pass k runs the model on crop view ``plan[k].crop_level`` with hidden masks of
 drop power ``plan[k].drop_power`` (pass 0 is the full model: no crop, no mask).
 
 Strategies (all give the same gradient):

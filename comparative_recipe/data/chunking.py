@@ -349,53 +349,6 @@ def _pieces_to_chunks(
     return _number_chunks(droppable, chunk_starts)
 
 
-def _separator_occurrences(tokens: torch.Tensor, separator: List[int]):
-    """Greedy left-to-right, non-overlapping matches of ``separator`` (like str.split).
-
-    tokens [S] -> (covered [S] bool: token is in a match, ends [S] bool: last token of a match).
-    """
-    length, width = tokens.numel(), len(separator)
-    covered = torch.zeros(length, dtype=torch.bool, device=tokens.device)
-    ends = torch.zeros_like(covered)
-    if length < width:
-        return covered, ends
-    pattern = torch.tensor(separator, dtype=tokens.dtype, device=tokens.device)
-    starts = (tokens.unfold(0, width, 1) == pattern).all(1).nonzero().flatten()
-    if width > 1 and starts.numel() > 1:
-        kept, free_from = [], 0
-        for s in starts.tolist():
-            if s >= free_from:
-                kept.append(s)
-                free_from = s + width
-        starts = torch.tensor(kept, dtype=torch.long, device=tokens.device)
-    spans = starts[:, None] + torch.arange(width, device=tokens.device)
-    covered[spans.flatten()] = True
-    ends[starts + width - 1] = True
-    return covered, ends
-
-
-def separator_chunk_ids(
-    tokens: torch.Tensor,
-    labels: torch.Tensor,
-    protected: torch.Tensor,
-    separator_ids: Sequence[int],
-) -> torch.Tensor:
-    """Chunks cut at a separator token-id sequence, for one sample.  [S] each -> chunk_ids [S].
-
-    For callers that know the exact ids of their separator (e.g. a special token between
-    passages); datasets find boundaries in the text instead (``text_chunk_ids``), since a
-    tokenizer may merge a separator with its neighbours. Droppable runs are cut right AFTER each
-    occurrence: a separator belongs to the chunk it ends. A piece made only of separator tokens
-    joins a neighbour (see ``_pieces_to_chunks``).
-    """
-    _check_sample(tokens=tokens, labels=labels, protected=protected)
-    separator = [int(i) for i in separator_ids] if separator_ids is not None else []
-    if len(separator) == 0:
-        raise ValueError("separator_ids must be a non-empty sequence of token ids, got empty")
-    covered, ends = _separator_occurrences(tokens, separator)
-    return _pieces_to_chunks(_droppable(labels, protected), _shift_right(ends), ~covered)
-
-
 def text_cuts(text: str, boundary: "re.Pattern[str]") -> List[int]:
     """Offsets 0 < p < len(text) where ``text`` is cut into pieces: right after each match of
     ``boundary``, except where a cut would leave a piece of whitespace only (such a piece joins

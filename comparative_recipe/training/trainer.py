@@ -261,8 +261,8 @@ class Trainer:
         if self.progress.steps_into_epoch > 0 and saved_world != self.world.world_size:
             raise ValueError(
                 f"the checkpoint was written mid-epoch by {saved_world} rank(s); resume it with "
-                f"{saved_world} (this run has {self.world.world_size}), or from a checkpoint at "
-                "an epoch boundary: the data order is split by rank"
+                f"{saved_world} ranks (this run has {self.world.world_size}), or from a "
+                "checkpoint at an epoch boundary: the data order is split by rank"
             )
         self.world.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         if self.progress.steps_into_epoch > 0:

@@ -16,7 +16,6 @@ from comparative_recipe.data.chunking import (
     protected_mask,
     reject_crop_argument,
     sample_chunk_ids,
-    separator_chunk_ids,
     span_chunk_ids,
     split_text,
     text_chunk_ids,
@@ -91,43 +90,6 @@ def test_window_chunks_of_nothing():
 def test_window_must_be_positive_int(window):
     with pytest.raises(ValueError, match="window"):
         window_chunk_ids(long([X, X]), torch.zeros(2, dtype=torch.bool), window)
-
-
-def test_separator_chunks_by_hand():
-    #            0    1  2  3  4  5  6  7  8  9 10
-    tokens = long([100, 9, 2, 3, 9, 4, 5, 9, 9, 7, 8])
-    labels = long([X, X, X, X, X, X, X, X, X, 7, 8])
-    protected = torch.tensor([True] + [False] * 8 + [True, True])
-    ids = separator_chunk_ids(tokens, labels, protected, [9])
-    # pieces [9] [2 3 9] [4 5 9] [9]: separator-only pieces join a neighbour of their run
-    assert ids.tolist() == [-1, 0, 0, 0, 0, 1, 1, 1, 1, -1, -1]
-
-
-def test_separator_chunks_restart_at_protected_tokens():
-    tokens = long([2, 9, 3, 4, 9, 5])
-    labels = long([X] * 6)
-    protected = torch.tensor([False, False, False, True, False, False])
-    assert separator_chunk_ids(tokens, labels, protected, [9]).tolist() == [0, 0, 1, -1, 2, 2]
-
-
-def test_multi_token_separator_matches_greedily_without_overlap():
-    tokens = long([1, 9, 9, 9, 2, 9, 9, 3])
-    labels = long([X] * 8)
-    protected = torch.zeros(8, dtype=torch.bool)
-    ids = separator_chunk_ids(tokens, labels, protected, [9, 9])
-    assert ids.tolist() == [0, 0, 0, 1, 1, 1, 1, 2]
-
-
-def test_separator_absent_gives_one_chunk_per_run():
-    tokens = long([1, 2, 3, 4])
-    labels = long([X, X, X, 4])
-    ids = separator_chunk_ids(tokens, labels, torch.zeros(4, dtype=torch.bool), [9, 8])
-    assert ids.tolist() == [0, 0, 0, -1]
-
-
-def test_separator_must_be_non_empty():
-    with pytest.raises(ValueError, match="separator_ids"):
-        separator_chunk_ids(long([1]), long([X]), torch.zeros(1, dtype=torch.bool), [])
 
 
 def test_span_chunks_by_hand():

@@ -20,7 +20,6 @@ is recorded, since other processes on a shared machine inflate single steps.
 """
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -40,27 +39,10 @@ from comparative_recipe.ablation.hidden import (
     site_mask,
 )
 from comparative_recipe.models.tiny import init_tiny_llama
+from comparative_step import MODELS, retain_freed_memory  # this folder: the same models
 
-# The models of benchmarks/comparative_step.py.
-MODELS = {
-    "tiny": dict(vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=128,
-                 intermediate_dim=256, max_seq_len=4096),
-    "small": dict(vocab_size=8192, num_layers=8, num_heads=8, num_kv_heads=4, embed_dim=512,
-                  intermediate_dim=1408, max_seq_len=1024),
-}
 GRANULARITIES = ("element", "unit")
 GOAL = 1.15
-
-
-def keep_freed_memory() -> bool:
-    """glibc: no mmap for large blocks and no heap trimming, so freed memory is reused rather
-    than returned to the kernel. False where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_mmap_max, m_trim_threshold = -4, -1
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -155,7 +137,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    retained = keep_freed_memory()
+    retained = retain_freed_memory()
     info = {
         "platform": platform.platform(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -12,13 +12,19 @@ from typing import Callable, List
 
 import torchtune
 from torchtune._recipe_registry import Config, Recipe, get_all_recipes
+from torchtune.config._utils import _get_component_from_path
 
-__all__ = ["Config", "Recipe", "builtin_recipes", "check_compatible", "tune_cli_parser",
-           "use_recipes_in_cli"]
+__all__ = ["Config", "Recipe", "builtin_recipes", "check_compatible", "component",
+           "tune_cli_parser", "use_recipes_in_cli"]
 
 SUPPORTED_TORCHTUNE = "0.6.1"
 # The torchtune CLI modules that look recipes up through their module-global `get_all_recipes`.
 CLI_MODULES_USING_REGISTRY = ("cat", "cp", "ls", "run")
+
+
+def component(dotted_path: str) -> Callable:
+    """The object a config's ``_component_`` path names, resolved as torchtune resolves it."""
+    return _get_component_from_path(dotted_path)
 
 
 def builtin_recipes() -> List[Recipe]:

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from torchtune.config._utils import _get_component_from_path
 
+from comparative_recipe._torchtune_compat import component
 from comparative_recipe.methods import ComparativeMethod
 from comparative_recipe.training.distributed import DISTRIBUTED_KEYS
 from comparative_recipe.training.trainer import TRAINER_KEYS, VALIDATION_KEYS, check_config_keys
@@ -36,7 +36,7 @@ def test_config_components_exist_and_settings_parse(path):
     cfg = OmegaConf.load(path)
     container = OmegaConf.to_container(cfg, resolve=True)
     for dotted in components(container):
-        assert callable(_get_component_from_path(dotted)), dotted
+        assert callable(component(dotted)), dotted
     method = ComparativeMethod.from_config(cfg)  # checks the method's sections
     assert method.settings.num_ablations >= 1
     assert cfg.task in ("sft", "classification")

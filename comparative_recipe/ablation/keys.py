@@ -4,12 +4,10 @@ Ablation masks and crop orders must be reproducible from (seed, step, sample id,
 alone: the same sample gets the same masks in any batch row, on any rank, after a resume, and in
 an activation-checkpointing recompute. A stateful generator cannot promise that; a hash can.
 
-Two implementations of 32-bit hashing (murmur3's finaliser), both bit-identical on CPU and CUDA:
-- ``hash_keys`` / ``uniform`` emulate it in int64 tensors (every intermediate below 2**63); crop
-  orders use them.
-- ``hash32`` / ``pair_mix32`` compute it in int32 tensors that wrap modulo 2**32: half the bytes
-  and about a third of the operations, for hidden masks, whose element granularity hashes one
-  word per (row, token, unit).
+The hash is murmur3's 32-bit finaliser with a boost-style key combine, computed in int32 tensors
+that wrap modulo 2**32 (bit-identical on CPU and CUDA): ``hash32`` mixes keys into words,
+``pair_mix32`` is the cheap last round that hidden element masks spend per (row, token, unit),
+and ``hash_keys`` / ``uniform`` give the words as non-negative int64 or as floats in [0, 1).
 """
 
 from typing import Union
@@ -20,42 +18,6 @@ _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
 
 IntLike = Union[int, torch.Tensor]
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for x in [0, 2**32), without int64 overflow."""
-    lo = x * (c & 0xFFFF)
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & _MASK32
-
-
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def hash_keys(*keys: IntLike, device: Union[torch.device, str, None] = None) -> torch.Tensor:
-    """Mixes integer keys (python ints or int tensors that broadcast) into uint32 values.
-
-    Returns an int64 tensor with values in [0, 2**32) and the broadcast shape of the keys.
-    Any change of any key changes the result; the order of the keys matters.
-    """
-    if device is None:
-        device = next((k.device for k in keys if isinstance(k, torch.Tensor)), "cpu")
-    h = torch.zeros((), dtype=torch.int64, device=device)
-    for k in keys:
-        k = torch.as_tensor(k, dtype=torch.int64, device=device) & _MASK32
-        h = _fmix32((h ^ ((k + _GOLDEN + (h << 6) + (h >> 2)) & _MASK32)) & _MASK32)
-    return h
-
-
-def uniform(*keys: IntLike, device: Union[torch.device, str, None] = None) -> torch.Tensor:
-    """Uniform floats in [0, 1) (float32, 24 random bits) from integer keys; see ``hash_keys``."""
-    return (hash_keys(*keys, device=device) >> 8).to(torch.float32) * (1.0 / (1 << 24))
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,3 +84,13 @@ def pair_mix32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     h = (a ^ b) * MIX_M1
     h = h ^ shr32(h, 16)
     return h * MIX_M2
+
+
+def hash_keys(*keys: IntLike, device: Union[torch.device, str, None] = None) -> torch.Tensor:
+    """``hash32`` of the keys as int64 values in [0, 2**32), of the keys' broadcast shape."""
+    return hash32(*keys, device=device).to(torch.int64) & _MASK32
+
+
+def uniform(*keys: IntLike, device: Union[torch.device, str, None] = None) -> torch.Tensor:
+    """Uniform floats in [0, 1) (float32, 24 random bits) from integer keys; see ``hash32``."""
+    return (hash_keys(*keys, device=device) >> 8).to(torch.float32) * (1.0 / (1 << 24))

@@ -15,10 +15,10 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch.utils.data import Dataset
 
-from torchtune.config._utils import _get_component_from_path
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.utils import get_logger
 
+from comparative_recipe._torchtune_compat import component
 from comparative_recipe.data.chunking import (
     ChunkingConfig,
     ChunkingLike,
@@ -243,5 +243,5 @@ def comparative_dataset(
             "packed datasets are not supported: a comparative pass needs each sample as its own "
             "row (crops and masks are per sample). Set packed: False"
         )
-    build = _get_component_from_path(builder)
+    build = component(builder)
     return ComparativeDataset(build(tokenizer, **builder_kwargs), tokenizer, chunking)

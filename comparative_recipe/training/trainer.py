@@ -25,7 +25,7 @@ import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torchtune import config, modules, training, utils

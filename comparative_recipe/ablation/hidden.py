@@ -83,18 +83,18 @@ class HiddenAblationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.rate = checks.rate(self.rate, "hidden ablation rate")
+        self.rate = checks.rate(self.rate, "ablation.hidden.rate")
         sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
         for s in sites:
-            checks.choice(s, SITES, "hidden ablation site")
+            checks.choice(s, SITES, "ablation.hidden.sites")
         if len(set(sites)) != len(sites):
-            raise ValueError(f"hidden ablation sites must not repeat, got {list(sites)}")
+            raise ValueError(f"ablation.hidden.sites must not repeat, got {list(sites)}")
         self.sites = sites
-        checks.choice(self.granularity, GRANULARITIES, "hidden ablation granularity")
+        checks.choice(self.granularity, GRANULARITIES, "ablation.hidden.granularity")
         if not isinstance(self.scale, bool):
-            raise ValueError(f"hidden ablation scale must be true or false, got {self.scale!r}")
+            raise ValueError(f"ablation.hidden.scale must be true or false, got {self.scale!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"hidden ablation seed must be an integer, got {self.seed!r}")
+            raise ValueError(f"ablation.seed must be an integer, got {self.seed!r}")
 
 
 @dataclass(eq=False)

@@ -7,6 +7,10 @@ is plain fine-tuning, step for step torchtune's ``full_finetune_single_device``.
 
     tune-cmp run comparative_finetune_single_device --config demo/tiny_needle_qa
 
+On CPU, prefix the command with
+``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296``: a comparative
+step holds 1+c passes of activations, which glibc's defaults page-fault in again on every step.
+
 A single device is the smallest setup of the one training loop
 (``comparative_recipe.training.trainer``): the same loop as ``comparative_finetune_distributed``,
 on a world of one process, with the model built and loaded in place (no FSDP). The method's

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 from datasets import Dataset as HFDataset
 
 from torchtune.models.llama2 import llama2_tokenizer
-from torchtune.models.llama2._tokenizer import Llama2Tokenizer
+from torchtune.models.llama2 import Llama2Tokenizer
 
 from comparative_recipe.data.chunking import ChunkingLike, reject_crop_argument
 from comparative_recipe.data.comparative import ComparativeDataset

@@ -12,7 +12,7 @@
 Each piece of the prompt is encoded on its own (see ``comparative_recipe.data.context_qa``).
 """
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from datasets import load_dataset
 from torch.utils.data import Dataset
@@ -47,8 +47,11 @@ class ClassificationDataset(Dataset):
     With a text-mode ``chunking`` (sentence, paragraph, pattern) the text is cut at that mode's
     boundaries and the pieces encoded on their own, so their token spans are exact.
 
-    The label column holds an int index into ``label_words`` or the label word itself; every
-    value is checked when the dataset is built.
+    The label column holds an int index into ``label_words``, a label word itself, or the word
+    without its surrounding whitespace (``negative`` for the word ``" negative"``); with
+    ``label_map`` (data value -> label word, e.g. ``{0: " negative", 1: " positive"}`` or
+    ``{neg: " negative"}``) it holds the map's keys instead. Every value is checked when the
+    dataset is built.
 
     Item fields: ``tokens``, ``labels`` (List[int], length S), ``class_id`` (int),
     ``protected_spans`` (everything but the text: the template and the label word are never
@@ -73,6 +76,7 @@ class ClassificationDataset(Dataset):
         template: str = "{text}\nLabel:",
         max_seq_len: Optional[int] = None,
         chunking: Optional[ChunkingConfig] = None,
+        label_map: Optional[Mapping[Any, str]] = None,
         source: str = "classification_dataset",
     ) -> None:
         check_columns(data, {"text_column": text_column, "label_column": label_column}, source)
@@ -126,11 +130,29 @@ class ClassificationDataset(Dataset):
                     f"the longest label word take {longest} tokens"
                 )
 
+        self._label_map = None
+        if label_map is not None:
+            self._label_map = {}
+            for key, word in dict(label_map).items():
+                if word not in label_words:
+                    raise ValueError(
+                        f"label_map maps {key!r} to {word!r}, which is not one of label_words "
+                        f"{label_words}"
+                    )
+                self._label_map[str(key)] = label_words.index(word)
         self._class_ids = [
             self._class_id(value, index) for index, value in enumerate(data[label_column])
         ]
 
     def _class_id(self, value: Any, index: int) -> int:
+        if self._label_map is not None:
+            class_id = self._label_map.get(str(value))
+            if class_id is None:
+                raise ValueError(
+                    f"sample {index}: label {value!r} is not a key of label_map "
+                    f"{sorted(self._label_map)}"
+                )
+            return class_id
         if isinstance(value, int) and not isinstance(value, bool):
             if 0 <= value < len(self.label_words):
                 return value
@@ -138,11 +160,16 @@ class ClassificationDataset(Dataset):
                 f"sample {index}: label index {value} is out of range for label_words "
                 f"{self.label_words}"
             )
-        if isinstance(value, str) and value in self.label_words:
-            return self.label_words.index(value)
+        if isinstance(value, str):
+            if value in self.label_words:
+                return self.label_words.index(value)
+            stripped = [i for i, w in enumerate(self.label_words) if w.strip() == value.strip()]
+            if len(stripped) == 1:
+                return stripped[0]
         raise ValueError(
             f"sample {index}: label {value!r} is not in label_words {self.label_words} "
-            "(labels must be one of the words or an int index into them)"
+            "(labels must be one of the words, with or without their surrounding whitespace, or "
+            "an int index into them; map other values to words with label_map)"
         )
 
     def __len__(self) -> int:
@@ -188,9 +215,11 @@ def classification_dataset(
     template: str = "{text}\nLabel:",
     max_seq_len: Optional[int] = None,
     chunking: ChunkingLike = None,
+    label_map: Optional[Mapping[Any, str]] = None,
     **load_dataset_kwargs: Any,
 ) -> ComparativeDataset:
-    """Text classification by the first token of a label word (see ``ClassificationDataset``).
+    """Text classification by the first token of a label word (see ``ClassificationDataset``;
+    ``label_map`` maps the data's label values to label words).
 
     Loads ``datasets.load_dataset(source, data_files=data_files, split=split,
     **load_dataset_kwargs)``. Crops remove parts of the text only: the template and the label
@@ -218,6 +247,7 @@ def classification_dataset(
         template=template,
         max_seq_len=max_seq_len,
         chunking=config,
+        label_map=label_map,
         source=f"classification_dataset(source={source!r})",
     )
     return ComparativeDataset(classification, tokenizer, config)

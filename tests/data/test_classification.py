@@ -121,3 +121,30 @@ def test_classification_rejects_the_old_crop_argument(tok, tmp_path):
     with pytest.raises(ValueError, match="ablation.crop.rate"):
         classification_dataset(tok, source="csv", data_files=path, text_column="sentence",
                                label_words=["no", "yes"], crop={"protect_leading": 5})
+
+
+def test_labels_written_without_the_words_leading_space_are_read(tok, tmp_path):
+    """Regression: a label column holding `negative` failed against label words like the
+    shipped config's `" negative"`."""
+    # (this SentencePiece tokenizer splits a leading space off, so the words carry a trailing one)
+    rows = [["dull and cold", "no"], ["bright and warm", "yes"], ["flat", "no "]]
+    path = write_csv(tmp_path / "cls.csv", rows)
+    ds = classification_dataset(tok, source="csv", data_files=path, text_column="sentence",
+                                label_words=["no ", "yes "])
+    assert [ds[i]["class_id"] for i in range(3)] == [0, 1, 0]
+
+
+def test_label_map_maps_data_values_to_label_words(tok, tmp_path):
+    rows = [["dull and cold", "0"], ["bright and warm", "1"], ["flat", "0"]]
+    path = write_csv(tmp_path / "cls.csv", rows)
+    ds = classification_dataset(tok, source="csv", data_files=path, text_column="sentence",
+                                label_words=["no", "yes"], label_map={1: "yes", 0: "no"})
+    assert [ds[i]["class_id"] for i in range(3)] == [0, 1, 0]
+    labelled = [t for t, lab in zip(ds[1]["tokens"], ds[1]["labels"]) if lab != IGN]
+    assert labelled == [ds.label_token_ids[1]]
+    with pytest.raises(ValueError, match="not one of label_words"):
+        classification_dataset(tok, source="csv", data_files=path, text_column="sentence",
+                               label_words=["no", "yes"], label_map={0: "no", 1: "maybe"})
+    with pytest.raises(ValueError, match="sample 1: label 1 is not a key of label_map"):
+        classification_dataset(tok, source="csv", data_files=path, text_column="sentence",
+                               label_words=["no", "yes"], label_map={0: "no"})

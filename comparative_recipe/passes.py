@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
@@ -109,6 +110,9 @@ class StepResult:
     exhausted:   [B, 1+c] the pass's crop had nothing left to drop
     pass_tokens: [1+c] input tokens each pass processed
     correct:     [B, 1+c] classification hits, or None
+    predicted:   [B, 1+c] predicted class (-1 without a target), or None
+    target:      [B] true class (-1 without a target), or None
+    num_classes: classes of a classification task (0 otherwise)
     """
 
     losses: torch.Tensor
@@ -119,14 +123,18 @@ class StepResult:
     exhausted: torch.Tensor
     pass_tokens: torch.Tensor
     correct: Optional[torch.Tensor] = None
+    predicted: Optional[torch.Tensor] = None
+    target: Optional[torch.Tensor] = None
+    num_classes: int = 0
 
     def sums(self) -> Sums:
         """The step's named sums over samples (they add over micro-batches and ranks).
 
         ``weight`` is the gradient normaliser (the back-propagated sum is unnormalised).
         Per pass (1-d, length 1+c): ``pass_loss`` (over valid samples), ``crop_exhausted``,
-        ``pass_tokens`` and, for classification, ``correct``. Read them with
-        ``comparative_metrics``.
+        ``pass_tokens`` and, for classification, ``correct``; per pass and class (2-d,
+        [1+c, C]) ``class_hits`` and ``class_predicted``, and per class ``class_actual`` (for
+        macro-F1). Read them with ``comparative_metrics``.
         """
         v, w = self.valid, self.sample_weight
         vf = v.to(self.losses.dtype)
@@ -144,7 +152,21 @@ class StepResult:
         }
         if self.correct is not None:
             sums["correct"] = (self.correct * v[:, None]).sum(0)
+        if self.predicted is not None:
+            scored = (v & (self.target >= 0)).to(self.losses.dtype)
+            predicted = F.one_hot(self.predicted.clamp(min=0), self.num_classes) * scored[:, None, None]
+            actual = F.one_hot(self.target.clamp(min=0), self.num_classes) * scored[:, None]
+            sums["class_hits"] = (predicted * actual[:, None]).sum(0)
+            sums["class_predicted"] = predicted.sum(0)
+            sums["class_actual"] = actual.sum(0)
         return Sums(sums)
+
+
+def macro_f1(hits: Sequence[float], predicted: Sequence[float], actual: Sequence[float]) -> float:
+    """Mean over classes of F1 = 2 hits / (predicted + actual), over the classes that occur as a
+    prediction or a target (0.0 when none does)."""
+    scores = [2 * h / (p + a) for h, p, a in zip(hits, predicted, actual) if p + a > 0]
+    return sum(scores) / len(scores) if scores else 0.0
 
 
 def comparative_metrics(sums: Dict[str, object]) -> Dict[str, float]:
@@ -153,7 +175,7 @@ def comparative_metrics(sums: Dict[str, object]) -> Dict[str, float]:
     ``loss`` is the objective the step optimised (weighted mean of per-sample losses);
     ``cmp_loss``, ``violation_rate``, ``loss_k`` and ``accuracy_k`` are means over valid samples;
     ``samples`` (valid), ``excluded_samples``, ``crop_exhausted_k`` (k >= 1), ``tokens`` and
-    ``pass_tokens_k`` are counts.
+    ``pass_tokens_k`` are counts; ``macro_f1_k`` (classification) is over all summed samples.
     """
     n = max(sums["samples"], 1.0)
     out = {
@@ -170,6 +192,10 @@ def comparative_metrics(sums: Dict[str, object]) -> Dict[str, float]:
             out[f"crop_exhausted_{k}"] = sums["crop_exhausted"][k]
         if "correct" in sums:
             out[f"accuracy_{k}"] = sums["correct"][k] / n
+        if "class_hits" in sums:
+            out[f"macro_f1_{k}"] = macro_f1(
+                sums["class_hits"][k], sums["class_predicted"][k], sums["class_actual"]
+            )
         out[f"pass_tokens_{k}"] = sums["pass_tokens"][k]
     return out
 
@@ -290,13 +316,14 @@ def comparative_step(
     def forward_all() -> List[TaskLosses]:
         if strategy == "stacked" and n_passes > 1:
             out = run_pass(model, task, stack_passes(passes, spec.pad_id))
-            split = lambda x: list(x.view(n_passes, batch_size).unbind(0))  # noqa: E731
+            split = lambda x: (  # noqa: E731
+                [None] * n_passes if x is None else list(x.view(n_passes, batch_size).unbind(0))
+            )
             return [
-                TaskLosses(lo, n, c)
-                for lo, n, c in zip(
-                    split(out.loss),
-                    split(out.n_tokens),
-                    split(out.correct) if out.correct is not None else [None] * n_passes,
+                TaskLosses(lo, n, c, p, t, out.num_classes)
+                for lo, n, c, p, t in zip(
+                    split(out.loss), split(out.n_tokens), split(out.correct),
+                    split(out.predicted), split(out.target),
                 )
             ]
         return [run_pass(model, task, p) for p in passes]
@@ -326,9 +353,11 @@ def comparative_step(
         else:
             (sample_loss * weights).sum().backward()
 
-    correct = None
+    correct = predicted = None
     if outs[0].correct is not None:
         correct = torch.stack([o.correct for o in outs], dim=1)
+    if outs[0].predicted is not None:
+        predicted = torch.stack([o.predicted for o in outs], dim=1)
     return StepResult(
         losses=losses.detach(),
         n_tokens=n_tokens,
@@ -338,4 +367,7 @@ def comparative_step(
         exhausted=torch.stack([p.exhausted for p in passes], dim=1),
         pass_tokens=torch.stack([p.n_input_tokens for p in passes]),
         correct=correct,
+        predicted=predicted,
+        target=outs[0].target,
+        num_classes=outs[0].num_classes,
     )

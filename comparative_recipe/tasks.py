@@ -22,11 +22,16 @@ class TaskLosses:
     loss:     [R] mean task loss of each row (0 where the row has nothing to score)
     n_tokens: [R] scored targets per row (labelled tokens; 1 or 0 for classification)
     correct:  [R] bool, classification only: prediction equals the target
+    predicted, target: [R] long, classification only: predicted and true class (-1 where the
+              row has no target); num_classes: the number of classes (0 for other tasks)
     """
 
     loss: torch.Tensor
     n_tokens: torch.Tensor
     correct: Optional[torch.Tensor] = None
+    predicted: Optional[torch.Tensor] = None
+    target: Optional[torch.Tensor] = None
+    num_classes: int = 0
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -170,8 +175,14 @@ class ClassificationTask:
             )
         target = is_class.int().argmax(dim=1)
         loss = F.cross_entropy(class_logits, target, reduction="none") * has_target
-        correct = (class_logits.argmax(dim=1) == target) & has_target
-        return TaskLosses(loss=loss, n_tokens=has_target.long(), correct=correct)
+        predicted = class_logits.argmax(dim=1)
+        correct = (predicted == target) & has_target
+        missing = torch.full_like(target, -1)
+        return TaskLosses(
+            loss=loss, n_tokens=has_target.long(), correct=correct,
+            predicted=torch.where(has_target, predicted, missing),
+            target=torch.where(has_target, target, missing), num_classes=len(label_ids),
+        )
 
 
 TASKS = ("sft", "classification")

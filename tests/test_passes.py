@@ -13,7 +13,12 @@ from comparative_recipe.ablation.hidden import (
 from comparative_recipe.ablation.plan import ablation_plan
 from comparative_recipe.loss import ComparativeLoss
 from comparative_recipe.models.tiny import tiny_llama
-from comparative_recipe.passes import ComparativeStepSpec, comparative_metrics, comparative_step
+from comparative_recipe.passes import (
+    ComparativeStepSpec,
+    StepResult,
+    comparative_metrics,
+    comparative_step,
+)
 from comparative_recipe.tasks import SFTTask, per_sample_cross_entropy, shift_labels
 
 VOCAB, PAD = 64, 0
@@ -227,3 +232,41 @@ def test_builder_dropout_is_off_and_every_strategy_gives_the_same_gradient():
         for name in ref:
             rel = (g[name] - ref[name]).norm() / ref[name].norm().clamp(min=1e-12)
             assert rel < 1e-5, (strategy, name, float(rel))
+
+
+def _classification_result(predicted, target):
+    """A StepResult with the given predictions [B, 1+c] and targets [B] (-1: no target)."""
+    predicted, target = torch.tensor(predicted), torch.tensor(target)
+    b, passes = predicted.shape
+    valid = target >= 0
+    return StepResult(
+        losses=torch.ones(b, passes), n_tokens=valid.long()[:, None].expand(b, passes),
+        valid=valid, sample_loss=torch.ones(b), sample_weight=valid.float(),
+        exhausted=torch.zeros(b, passes, dtype=torch.bool), pass_tokens=torch.ones(passes),
+        correct=(predicted == target[:, None]) & valid[:, None], predicted=predicted,
+        target=target, num_classes=3,
+    )
+
+
+def reference_macro_f1(pred, true, classes=3):
+    """Per-class F1 by counting, averaged over classes that occur (independent of the sums)."""
+    scores = []
+    for c in range(classes):
+        tp = sum(p == c and t == c for p, t in zip(pred, true))
+        fp = sum(p == c and t != c for p, t in zip(pred, true))
+        fn = sum(p != c and t == c for p, t in zip(pred, true))
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores)
+
+
+def test_macro_f1_per_pass_by_hand_and_summed_over_micro_batches():
+    # pass 0: [0, 1, 2, 2, 1] vs targets [0, 1, 2, 1, 1]; pass 1 predicts class 0 everywhere
+    first = _classification_result([[0, 0], [1, 0], [2, 0]], [0, 1, 2])
+    second = _classification_result([[2, 0], [1, 0], [1, 1]], [1, 1, -1])  # last: no target
+    metrics = comparative_metrics((first.sums() + second.sums()).to_host())
+    # class 0: F1 1; class 1: tp 2, fn 1 -> 0.8; class 2: tp 1, fp 1 -> 2/3
+    assert metrics["macro_f1_0"] == pytest.approx((1 + 0.8 + 2 / 3) / 3)
+    assert metrics["macro_f1_0"] == pytest.approx(reference_macro_f1([0, 1, 2, 2, 1], [0, 1, 2, 1, 1]))
+    assert metrics["macro_f1_1"] == pytest.approx(reference_macro_f1([0] * 5, [0, 1, 2, 1, 1]))
+    assert metrics["accuracy_0"] == pytest.approx(4 / 5)

@@ -159,3 +159,23 @@ def test_saves_only_the_low_precision_chunks_for_backward():
 
     old = saved_bytes(lambda x, t: plain(x, t)[0])
     assert sum(n for dt, n in old if dt == torch.float32) >= B * S * V * 4
+
+
+def test_classification_task_scores_label_words_at_the_first_target():
+    """Cross-entropy over the label words' logits at the first scored position, by hand."""
+    from comparative_recipe.tasks import ClassificationTask
+
+    task = ClassificationTask([5, 7])
+    logits = torch.zeros(3, 4, 10)
+    logits[0, 2, 5], logits[0, 2, 7] = 2.0, 0.0   # predicts class 0, target class 0
+    logits[1, 1, 5], logits[1, 1, 7] = 1.0, 0.0   # predicts class 0, target class 1
+    targets = torch.full((3, 4), -100)
+    targets[0, 2], targets[1, 1] = 5, 7           # row 2 has no target
+    out = task(logits, targets)
+    lse0 = torch.logsumexp(torch.tensor([2.0, 0.0]), 0)
+    lse1 = torch.logsumexp(torch.tensor([1.0, 0.0]), 0)
+    torch.testing.assert_close(out.loss, torch.stack([lse0 - 2.0, lse1 - 0.0, torch.tensor(0.0)]))
+    assert out.n_tokens.tolist() == [1, 1, 0]
+    assert out.correct.tolist() == [True, False, False]
+    assert out.predicted.tolist() == [0, 0, -1] and out.target.tolist() == [0, 1, -1]
+    assert out.num_classes == 2

@@ -229,7 +229,7 @@ class ComparativeMethod:
 
     def validation_metrics(self, sums: Dict[str, Any]) -> Dict[str, float]:
         metrics = comparative_metrics(sums)
-        keep = ("loss_", "accuracy_", "samples")
+        keep = ("loss_", "accuracy_", "macro_f1_", "samples")
         if len(sums["pass_loss"]) > 1:
             keep += ("cmp_loss", "violation_rate")
         return {k: v for k, v in metrics.items() if k.startswith(keep)}
@@ -237,10 +237,11 @@ class ComparativeMethod:
     def describe_validation(self, metrics: Dict[str, float]) -> str:
         n_passes = sum(k.startswith("val_loss_") for k in metrics)
         parts = [f"loss_{k}={metrics[f'val_loss_{k}']:.4f}" for k in range(n_passes)]
-        parts += [
-            f"accuracy_{k}={metrics[f'val_accuracy_{k}']:.4f}"
-            for k in range(n_passes) if f"val_accuracy_{k}" in metrics
-        ]
+        for name in ("accuracy", "macro_f1"):
+            parts += [
+                f"{name}_{k}={metrics[f'val_{name}_{k}']:.4f}"
+                for k in range(n_passes) if f"val_{name}_{k}" in metrics
+            ]
         line = " ".join(parts)
         if n_passes > 1:
             losses = [metrics[f"val_loss_{k}"] for k in range(n_passes)]

@@ -4,6 +4,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
+# Validation metrics where higher is better (all others, losses, are lower-is-better).
+HIGHER_IS_BETTER = ("val_accuracy", "val_macro_f1")
+
 
 @dataclass
 class TrainingProgress:
@@ -48,7 +51,7 @@ class TrainingProgress:
 
     def record_best(self, metrics: Dict[str, float], name: str) -> bool:
         """Records ``metrics[name]`` as the best result if it strictly improves on it
-        (accuracies higher, losses lower; on a tie the earlier result stays). A NaN never
+        (accuracies and macro-F1 higher, losses lower; on a tie the earlier result stays). A NaN never
         improves anything. Returns whether it was recorded."""
         if name not in metrics:
             raise ValueError(
@@ -58,7 +61,7 @@ class TrainingProgress:
         if math.isnan(value):
             return False
         if self.best is not None:
-            sign = 1.0 if name.startswith("val_accuracy") else -1.0
+            sign = 1.0 if name.startswith(HIGHER_IS_BETTER) else -1.0
             if not sign * (value - self.best["value"]) > 0:
                 return False
         self.best = {"metric": name, "value": value, "step": self.global_step}

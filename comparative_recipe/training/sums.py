@@ -1,7 +1,7 @@
 """Named sums: what a training step hands the loop, added over micro-batches and ranks.
 
-A method's step returns ``Sums``: named tensors (0-d, or 1-d such as one entry per pass) that
-are plain sums over samples, so they add up exactly over micro-batches and ranks. The loop packs
+A method's step returns ``Sums``: named tensors (0-d, 1-d such as one entry per pass, or more,
+such as per pass and class) that are plain sums over samples, so they add up exactly over micro-batches and ranks. The loop packs
 them into one float64 vector for a single all-reduce and a single host transfer, and reads the
 gradient normaliser by name.
 """
@@ -10,11 +10,11 @@ from typing import Callable, Dict, Iterable, List, Mapping, Union
 
 import torch
 
-HostValue = Union[float, List[float]]
+HostValue = Union[float, List]
 
 
 class Sums:
-    """An ordered mapping name -> tensor (0-d or 1-d) of sums; ``a + b`` adds entry by entry.
+    """An ordered mapping name -> tensor of sums; ``a + b`` adds entry by entry.
 
     Both operands of ``+`` must have the same names and shapes (the same method built them).
     """
@@ -22,10 +22,7 @@ class Sums:
     def __init__(self, values: Mapping[str, torch.Tensor]):
         self.values: Dict[str, torch.Tensor] = {}
         for name, value in values.items():
-            value = torch.as_tensor(value).detach()
-            if value.dim() > 1:
-                raise ValueError(f"sum {name!r} must be 0-d or 1-d, got shape {tuple(value.shape)}")
-            self.values[name] = value
+            self.values[name] = torch.as_tensor(value).detach()
 
     def __getitem__(self, name: str) -> torch.Tensor:
         try:
@@ -73,11 +70,12 @@ class Sums:
         return self.unpack(all_reduce_sum(self.pack()))
 
     def to_host(self) -> Dict[str, HostValue]:
-        """Python numbers (lists for 1-d entries), with one device-to-host transfer."""
-        values = self.pack().tolist()
+        """Python numbers (nested lists for entries with dimensions), with one device-to-host
+        transfer."""
+        flat = self.pack().cpu()
         out, offset = {}, 0
         for name, v in self.values.items():
             n = v.numel()
-            out[name] = values[offset] if v.dim() == 0 else values[offset: offset + n]
+            out[name] = flat[offset: offset + n].reshape(v.shape).tolist()
             offset += n
         return out

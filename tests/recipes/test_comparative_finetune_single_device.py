@@ -159,6 +159,7 @@ def test_classification_reports_accuracy_for_every_pass(assets, tmp_path):
     for k in range(3):
         assert 0.0 <= metrics[6][f"val_accuracy_{k}"] <= 1.0
         assert 0.0 <= metrics[6][f"accuracy_{k}"] <= 1.0
+        assert 0.0 <= metrics[6][f"val_macro_f1_{k}"] <= 1.0
     assert metrics[6]["val_samples"] == 40
     best = torch.load(tmp_path / "cls" / "best" / "recipe_state.pt", weights_only=False)
     assert best["metric"] == "val_accuracy_0"

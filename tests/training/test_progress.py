@@ -75,7 +75,8 @@ def test_a_nan_metric_never_becomes_the_best():
     assert progress.best["value"] == 2.0
 
 
-@pytest.mark.parametrize("name,value", [("val_loss_0", 2.0), ("val_accuracy_0", 0.5)])
+@pytest.mark.parametrize("name,value", [("val_loss_0", 2.0), ("val_accuracy_0", 0.5),
+                                        ("val_macro_f1_0", 0.5)])
 def test_ties_keep_the_earlier_best_for_losses_and_accuracies_alike(name, value):
     """Regression: on a tie, a loss replaced the best and an accuracy kept it."""
     progress = TrainingProgress(seed=0)
@@ -84,3 +85,10 @@ def test_ties_keep_the_earlier_best_for_losses_and_accuracies_alike(name, value)
     progress.global_step = 6
     assert not progress.record_best({name: value}, name)
     assert progress.best == {"metric": name, "value": value, "step": 3}
+
+
+def test_macro_f1_is_higher_is_better():
+    progress = TrainingProgress(seed=0)
+    assert progress.record_best({"val_macro_f1_0": 0.4}, "val_macro_f1_0")
+    assert not progress.record_best({"val_macro_f1_0": 0.3}, "val_macro_f1_0")
+    assert progress.record_best({"val_macro_f1_0": 0.6}, "val_macro_f1_0")

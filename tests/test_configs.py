@@ -45,3 +45,22 @@ def test_config_components_exist_and_settings_parse(path):
     check_config_keys(cfg, TRAINER_KEYS | method.config_keys | set(world_keys))
     if "validation" in cfg:
         check_config_keys(cfg.validation, VALIDATION_KEYS | method.validation_keys, "validation")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_builds_its_model_on_the_meta_device(path):
+    """The model section builds (no weights allocated) and its sizes fit the hidden ablation."""
+    import torch
+    from torchtune import config as tt_config
+
+    from comparative_recipe.neurons import unit_counts
+
+    cfg = OmegaConf.load(path)
+    with torch.device("meta"):
+        model = tt_config.instantiate(cfg.model)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params > 0 and all(p.is_meta for p in model.parameters())
+    counts = unit_counts(model)
+    hidden = ComparativeMethod.from_config(cfg).settings.hidden
+    for site in hidden.sites if hidden is not None else ():
+        assert counts[site] and all(n > 0 for n in counts[site]), site

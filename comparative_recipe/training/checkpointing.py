@@ -44,6 +44,29 @@ def _quiet_torchtune_logs():
         logger.setLevel(level)
 
 
+def _file_mode_from_umask() -> int:
+    """The mode ``open()`` gives a new file in this process (``0o666`` less the umask)."""
+    try:  # Linux: read the umask without changing it (os.umask is process-wide)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fix_weight_permissions(directory: Path) -> None:
+    """safetensors 0.8 writes through a temporary file created with mode 0600, whatever the
+    umask (safetensors/safetensors#782), so the weights, unlike config.json beside them, could
+    be read by their owner only (another user's vLLM or transformers, a container's non-root
+    user). Give them the mode any other file written here gets."""
+    mode = _file_mode_from_umask()
+    for path in directory.glob("*.safetensors"):
+        os.chmod(path, mode)
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
     """Moves directory ``src`` to ``dst``; an existing ``dst`` is swapped out, then deleted."""
     old = None
@@ -91,6 +114,7 @@ class CheckpointManager:
             self.checkpointer.save_checkpoint(
                 {training.MODEL_KEY: dict(model_state)}, epoch=0, intermediate_checkpoint=False
             )
+        _fix_weight_permissions(written)
         if recipe_state is not None:
             torch.save(recipe_state, written / RECIPE_STATE_FILE)
         dst.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,10 @@
-"""Model builders and checkpoints used by comparative_recipe."""
+"""Model builders, tokenizers and checkpoints used by comparative_recipe.
 
-from comparative_recipe.models.gguf import gguf_to_hf
-from comparative_recipe.models.smollm2 import smollm2, smollm2_135m
+Model families live in their own modules, named as configs name them
+(``comparative_recipe.models.smollm2.smollm2_135m``); they are not re-exported here, where a
+function named like its module would hide the module. The GGUF converter is
+``comparative_recipe.models.gguf`` (run it with ``python -m``).
+"""
 
 from comparative_recipe.models.tiny import (
     init_tiny_llama,
@@ -12,9 +15,6 @@ from comparative_recipe.models.tiny import (
 )
 
 __all__ = [
-    "gguf_to_hf",
-    "smollm2",
-    "smollm2_135m",
     "init_tiny_llama",
     "init_tiny_llama_checkpoint",
     "tiny_llama",

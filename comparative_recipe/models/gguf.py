@@ -3,7 +3,9 @@
 The output directory holds what `torchtune.training.FullModelHFCheckpointer` (model_type
 LLAMA3_2 or LLAMA3) reads: `model.safetensors` (every tensor dequantised to float32, HF key
 names) and `config.json`; if the GGUF carries a GPT-2-style BPE tokenizer, also `vocab.json`,
-`merges.txt`, `tokenizer_config.json` (with the chat template) and `special_tokens_map.json`.
+`merges.txt`, `tokenizer_config.json` (with the chat template) and `special_tokens_map.json`,
+and, for a pre-tokenizer in `PRE_TOKENIZERS` (SmolLM2's `smollm`, GPT-2's), the HF `tokenizers`
+file `tokenizer.json` that `comparative_recipe.models.smollm2.smollm2_tokenizer` reads.
 
 Command line:
 
@@ -51,6 +53,9 @@ _BLOCK_NAMES = {
 }
 # GGUF token types (llama.cpp's llama_token_type): 3 = control, 4 = user defined.
 _SPECIAL_TOKEN_TYPES = (3, 4)
+# llama.cpp's `tokenizer.ggml.pre` names -> whether digits are split one by one before the
+# byte-level (GPT-2 regex) split. SmolLM2's tokenizer.json: Digits(individual) then ByteLevel.
+PRE_TOKENIZERS = {"smollm": True, "gpt-2": False, "gpt2": False, "default": False}
 
 
 def _import_gguf():
@@ -222,12 +227,34 @@ def _tokenizer_files(reader) -> Optional[Dict[str, str]]:
     template = _field(reader, "tokenizer.chat_template")
     if template is not None:
         tokenizer_config["chat_template"] = template
-    return {
+    files = {
         "vocab.json": json.dumps(vocab, ensure_ascii=False),
         "merges.txt": "#version: 0.2\n" + "".join(m + "\n" for m in merges),
         "tokenizer_config.json": json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n",
         "special_tokens_map.json": json.dumps(specials, indent=2, ensure_ascii=False) + "\n",
     }
+    if (pre or "default") in PRE_TOKENIZERS:
+        special = [a["content"] for a in added.values()]
+        files["tokenizer.json"] = _tokenizer_json(vocab, merges, special, PRE_TOKENIZERS[pre or "default"])
+    return files
+
+
+def _tokenizer_json(vocab: Dict[str, int], merges: List[str], special: List[str],
+                    split_digits: bool) -> str:
+    """The HF `tokenizers` file of a byte-level BPE: the GPT-2 split (after single digits when
+    `split_digits`), no prefix space, ByteLevel decoder, `special` matched before the BPE."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits else byte_level
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    return tok.to_str(pretty=False) + "\n"
 
 
 def gguf_to_hf(gguf_path: Union[str, Path], out_dir: Union[str, Path]) -> Path:

@@ -11,12 +11,18 @@ A config uses it as
       _component_: comparative_recipe.models.smollm2.smollm2_135m
 
 and loads an HF-format checkpoint (e.g. one written by `comparative_recipe.models.gguf`) through
-`torchtune.training.FullModelHFCheckpointer` with `model_type: LLAMA3_2`.
+`torchtune.training.FullModelHFCheckpointer` with `model_type: LLAMA3_2`. Its tokenizer is
+`smollm2_tokenizer` (the checkpoint's `tokenizer.json`, ChatML messages).
 """
 
-from typing import Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from tokenizers import Tokenizer
 from torch import nn
+from torchtune.data import Message, PromptTemplate, PromptTemplateInterface, truncate
+from torchtune.modules.transforms.tokenizers import BaseTokenizer, ModelTokenizer
+
+from comparative_recipe._torchtune_compat import component
 from torchtune.modules import (
     FeedForward,
     MultiHeadAttention,
@@ -27,7 +33,7 @@ from torchtune.modules import (
     TransformerSelfAttentionLayer,
 )
 
-__all__ = ["smollm2", "smollm2_135m"]
+__all__ = ["SmolLM2Tokenizer", "smollm2", "smollm2_135m", "smollm2_tokenizer"]
 
 
 def smollm2(
@@ -126,3 +132,118 @@ def smollm2_135m(max_seq_len: int = 8192, attn_dropout: float = 0.0) -> Transfor
         attn_dropout=attn_dropout,
         tie_word_embeddings=True,
     )
+
+
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+# What SmolLM2-Instruct's chat template inserts when a conversation has no system message.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+class SmolLM2Tokenizer(ModelTokenizer, BaseTokenizer):
+    """SmolLM2's byte-level BPE (from its HF `tokenizer.json`) with ChatML messages.
+
+    A conversation is laid out as SmolLM2-Instruct's chat template renders it: every message
+    ``<|im_start|>{role}\n{content}<|im_end|>\n``, a default system message first when there is
+    none, and the final assistant message ending in ``eos_id`` (``<|im_end|>``) instead. SmolLM2
+    adds no BOS token: ``bos_id`` is None and ``encode(add_bos=True)`` adds nothing, as torchtune's
+    Qwen2 tokenizer does; ``pad_id`` is ``<|endoftext|>``.
+
+    Args:
+        path: the model's `tokenizer.json`.
+        max_seq_len: truncate ``tokenize_messages`` output to this many tokens (None: no limit).
+        prompt_template: a torchtune prompt template applied to the messages first.
+        system_prompt: the system message used when a conversation has none (None: no default).
+    """
+
+    def __init__(self, path: str, max_seq_len: Optional[int] = None,
+                 prompt_template: Optional[PromptTemplateInterface] = None,
+                 system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT) -> None:
+        self.tokenizer = Tokenizer.from_file(str(path))
+        ids = {name: self.tokenizer.token_to_id(name) for name in (IM_START, IM_END, ENDOFTEXT)}
+        missing = [name for name, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(
+                f"{path} has no token(s) {missing}: it is not a SmolLM2 tokenizer.json (use the "
+                "tokenizer of the model's checkpoint, e.g. the one `python -m "
+                "comparative_recipe.models.gguf` writes)"
+            )
+        self.im_start_id, self.im_end_id = ids[IM_START], ids[IM_END]
+        self.bos_id: Optional[int] = None
+        self.eos_id, self.pad_id = ids[IM_END], ids[ENDOFTEXT]
+        self.stop_tokens = [self.im_end_id, self.pad_id]
+        self.special_tokens: Dict[str, int] = {
+            t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special
+        }
+        self.max_seq_len = max_seq_len
+        self.prompt_template = prompt_template
+        self.system_prompt = system_prompt
+        self._newline = self.encode("\n", add_bos=False, add_eos=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> List[int]:
+        """Token ids of ``text`` (special-token strings in it become their ids); ``add_eos``
+        appends ``<|im_end|>``, ``add_bos`` adds nothing (SmolLM2 has no BOS)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return ids + [self.eos_id] if add_eos else ids
+
+    def decode(self, token_ids: List[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def tokenize_messages(self, messages: List[Message], *, add_eos: bool = True
+                          ) -> Tuple[List[int], List[bool]]:
+        """ChatML ids of ``messages`` and their masks (True: not trained on, ``message.masked``).
+
+        With ``add_eos`` the last assistant message ends with ``<|im_end|>`` (the eos), as in
+        training; without, an empty last assistant message leaves ``<|im_start|>assistant\n``,
+        the generation prompt.
+        """
+        if self.prompt_template is not None:
+            messages = self.prompt_template(messages)
+        if self.system_prompt is not None and (not messages or messages[0].role != "system"):
+            messages = [Message(role="system", content=self.system_prompt, masked=True), *messages]
+        tokens: List[int] = []
+        mask: List[bool] = []
+        for index, message in enumerate(messages):
+            ids = [self.im_start_id, *self.encode(f"{message.role}\n", add_bos=False, add_eos=False)]
+            for item in message.content:
+                if item["type"] != "text":
+                    raise ValueError(
+                        f"SmolLM2 is a text model: message {index} has {item['type']!r} content"
+                    )
+                ids += self.encode(item["content"], add_bos=False, add_eos=False)
+            last_assistant = message.role == "assistant" and index == len(messages) - 1
+            if last_assistant:
+                ids += [self.eos_id] if add_eos else []
+            else:
+                ids += [self.im_end_id, *self._newline]
+            tokens += ids
+            mask += [message.masked] * len(ids)
+        if self.max_seq_len is not None and len(tokens) > self.max_seq_len:
+            tokens = truncate(tokens, self.max_seq_len, self.eos_id if add_eos else None)
+            mask = truncate(mask, self.max_seq_len, True if add_eos else None)
+        return tokens, mask
+
+    def __call__(self, sample: Mapping[str, Any], inference: bool = False) -> Mapping[str, Any]:
+        """torchtune's model transform: ``messages`` -> ``tokens`` and ``mask``."""
+        sample = dict(sample)
+        tokens, mask = self.tokenize_messages(sample.pop("messages"), add_eos=not inference)
+        sample["tokens"], sample["mask"] = tokens, mask
+        return sample
+
+
+def smollm2_tokenizer(path: str, max_seq_len: Optional[int] = None,
+                      prompt_template: Any = None,
+                      system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT) -> SmolLM2Tokenizer:
+    """The SmolLM2 tokenizer component (``tokenizer._component_`` of a config); see
+    ``SmolLM2Tokenizer``. ``path`` is the checkpoint's `tokenizer.json`; ``prompt_template`` is,
+    as in torchtune's builders, the dotted path of a template class or a dict from role to
+    (prepend, append) tags."""
+    if isinstance(prompt_template, str):
+        prompt_template = component(prompt_template)()
+    elif isinstance(prompt_template, Mapping):
+        prompt_template = PromptTemplate({role: tuple(tags) for role, tags in prompt_template.items()})
+    return SmolLM2Tokenizer(path, max_seq_len=max_seq_len, prompt_template=prompt_template,
+                            system_prompt=system_prompt)

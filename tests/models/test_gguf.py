@@ -26,8 +26,14 @@ VOCAB, DIM, LAYERS, HEADS, KV_HEADS, FFN = 40, 32, 2, 4, 2, 48
 HEAD_DIM = DIM // HEADS
 ROPE_BASE, EPS = 100_000.0, 1e-5
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"t{i}" for i in range(VOCAB - 4)] + ["t 0"]
-MERGES = ["t 0", "t 1"]
+# A byte-level BPE small enough to apply by hand: letters, the byte-level space "Ġ", five digits
+# and five merges (in rank order).
+MERGES = ["h e", "l l", "he ll", "Ġ w", "l o"]
+TOKENS = (
+    ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + list("abcdefghijklmnopqrstuvwxyz") + ["Ġ"]
+    + list("01234") + [m.replace(" ", "") for m in MERGES]
+)
+assert len(TOKENS) == VOCAB
 
 
 def _llama_cpp_rows(n_rows: int, n_heads: int) -> np.ndarray:
@@ -104,6 +110,7 @@ def _write_gguf(path, hf_sd, *, f16=False, arch="llama", tokenizer=True):
     w.add_vocab_size(VOCAB)
     if tokenizer:
         w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("smollm")
         w.add_token_list(TOKENS)
         w.add_token_types([3, 3, 3] + [1] * (VOCAB - 3))
         w.add_token_merges(MERGES)

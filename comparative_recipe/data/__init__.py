@@ -14,13 +14,23 @@ from comparative_recipe.data.context_qa import (
     context_qa_dataset,
     context_qa_from_data,
     ContextQADataset,
+    DEFAULT_PASSAGE_TEMPLATE,
     DEFAULT_QA_INSTRUCTION,
+    join_sentences,
+    multi_passage_qa_dataset,
+    read_passages,
+    supporting_titles,
 )
 from comparative_recipe.data.demo import (
     DEMO_PAD_ID,
     demo_tokenizer,
     needle_qa_dataset,
     needle_qa_records,
+)
+from comparative_recipe.data.messages import (
+    CHUNK_ROLES,
+    message_content_spans,
+    MessageSpansTokenizer,
 )
 from comparative_recipe.data.tokenizer_utils import (
     separator_token_ids,
@@ -30,12 +40,15 @@ from comparative_recipe.data.tokenizer_utils import (
 )
 
 __all__ = [
+    "CHUNK_ROLES",
     "ChunkingConfig",
     "ClassificationDataset",
     "ComparativeDataset",
     "ContextQADataset",
+    "DEFAULT_PASSAGE_TEMPLATE",
     "DEFAULT_QA_INSTRUCTION",
     "DEMO_PAD_ID",
+    "MessageSpansTokenizer",
     "PAD_CHUNK",
     "PROTECTED_CHUNK",
     "TokenTexts",
@@ -47,9 +60,14 @@ __all__ = [
     "context_qa_dataset",
     "context_qa_from_data",
     "demo_tokenizer",
+    "join_sentences",
+    "message_content_spans",
+    "multi_passage_qa_dataset",
     "needle_qa_dataset",
     "needle_qa_records",
+    "read_passages",
     "separator_token_ids",
     "special_token_ids",
+    "supporting_titles",
     "validate_vocab",
 ]

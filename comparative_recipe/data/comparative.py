@@ -8,9 +8,12 @@ comparative step needs; ``comparative_dataset``: the same for any torchtune buil
       builder: torchtune.datasets.alpaca_cleaned_dataset
       chunking: {mode: sentence, protect_trailing: 8}
       packed: False          # every other key goes to the builder
+
+For message datasets (``chat_dataset``, ``instruct_dataset``, ...) only the content of system and
+user messages is droppable (``chunk_roles``); see ``comparative_recipe.data.messages``.
 """
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset
@@ -28,6 +31,7 @@ from comparative_recipe.data.chunking import (
     text_piece_count,
     TEXT_MODES,
 )
+from comparative_recipe.data.messages import CHUNK_ROLES, check_roles, MessageSpansTokenizer
 from comparative_recipe.data.tokenizer_utils import special_token_ids, TokenTexts
 
 log = get_logger("INFO")
@@ -57,6 +61,11 @@ class ComparativeDataset(Dataset):
     mode's boundaries before encoding, used when the wrapped dataset's ``text_split`` equals the
     mode's ``ChunkingConfig.text_rule``; otherwise boundaries are found by decoding the tokens,
     see ``TokenTexts``).
+
+    A torchtune message dataset (``chat_dataset``, ``instruct_dataset``) built with the plain
+    tokenizer has no ``protected_spans``: its role headers, if the chat format writes them as
+    text, are droppable. Build it through ``comparative_dataset``, or give the builder
+    ``MessageSpansTokenizer(tokenizer)``, to protect everything but the system and user content.
 
     Items are computed lazily. The configuration is checked against the data in ``__init__`` on
     the first ``validate_samples`` samples, so bad input fails before training starts.
@@ -227,14 +236,28 @@ def _droppable_runs(chunk_ids: List[int]) -> List[Tuple[int, int]]:
 
 
 def comparative_dataset(
-    tokenizer: Any, *, builder: str, chunking: ChunkingLike = None, **builder_kwargs: Any
+    tokenizer: Any,
+    *,
+    builder: str,
+    chunking: ChunkingLike = None,
+    chunk_roles: Optional[Sequence[str]] = None,
+    **builder_kwargs: Any,
 ) -> ComparativeDataset:
     """Any torchtune dataset builder, chunked for input crops: the config form of the wrapper.
+
+    The builder gets the tokenizer wrapped in ``MessageSpansTokenizer``: a builder that
+    tokenizes torchtune messages through it (``chat_dataset``, ``instruct_dataset``,
+    ``alpaca_dataset``, any ``SFTDataset``) gets items whose droppable tokens are the content of
+    the ``chunk_roles`` messages only (role headers, templates, special tokens and the other
+    messages protected, a chunk never crossing two messages); any other builder sees the
+    tokenizer itself.
 
     Args:
         tokenizer (Any): passed to the builder and used for special ids and decoding.
         builder (str): dotted path of a torchtune-style builder ``builder(tokenizer, **kwargs)``.
         chunking (ChunkingConfig | Mapping | None): see ``ComparativeDataset``.
+        chunk_roles (Optional[Sequence[str]]): message roles whose content crops may drop.
+            None = system and user.
         **builder_kwargs: passed to the builder.
     """
     reject_crop_argument(builder_kwargs)
@@ -244,4 +267,6 @@ def comparative_dataset(
             "row (crops and masks are per sample). Set packed: False"
         )
     build = component(builder)
-    return ComparativeDataset(build(tokenizer, **builder_kwargs), tokenizer, chunking)
+    roles = CHUNK_ROLES if chunk_roles is None else check_roles(chunk_roles, "dataset.chunk_roles")
+    dataset = build(MessageSpansTokenizer(tokenizer, roles), **builder_kwargs)
+    return ComparativeDataset(dataset, tokenizer, chunking)

@@ -16,8 +16,9 @@ sees the same layout in training and at inference as long as the prompt is built
 functions.
 """
 
+import json
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from datasets import load_dataset
 from torch.utils.data import Dataset
@@ -41,6 +42,116 @@ from comparative_recipe.data.tokenizer_utils import (
 )
 
 DEFAULT_QA_INSTRUCTION = "Answer the question using the context."
+
+#: how a titled passage is rendered by default (``passage_template``)
+DEFAULT_PASSAGE_TEMPLATE = "{title}: {text}"
+# keys of a passage's text in a {title, ...} mapping, and of the column layout
+# {"title": [...], "sentences": [[...], ...]} (Hugging Face's hotpot_qa)
+_TEXT_KEYS = ("sentences", "text", "content")
+_CONTEXT_FORMS = (
+    "a string (split at the separator), a list of passages (strings, [title, text] pairs or "
+    "{title, text} mappings; a text may be a list of sentences), or the column layout "
+    "{title: [...], sentences: [[...], ...]}"
+)
+
+
+def join_sentences(sentences: Sequence[str]) -> str:
+    """Sentences joined into one paragraph: as they are where one side already has whitespace
+    at the join (HotpotQA's sentences carry their leading space), else with one space."""
+    out = ""
+    for sentence in sentences:
+        if out and sentence and not out[-1].isspace() and not sentence[0].isspace():
+            out += " "
+        out += sentence
+    return out
+
+
+def _passage_text(value: Any, index: int) -> str:
+    if isinstance(value, (list, tuple)):
+        return join_sentences([text_field(v, "each sentence of a passage", index) for v in value])
+    return text_field(value, "a passage's text", index)
+
+
+def _text_key(mapping: Mapping[str, Any]) -> Optional[str]:
+    return next((key for key in _TEXT_KEYS if key in mapping), None)
+
+
+def _passage(value: Any, index: int) -> Tuple[Optional[str], str]:
+    """(title or None, text) of one context entry."""
+    if not isinstance(value, (Mapping, list, tuple)):
+        return None, text_field(value, "each context chunk", index)
+    if isinstance(value, Mapping):
+        key = _text_key(value)
+        if key is not None:
+            title = value.get("title")
+            return (None if title is None else text_field(title, "a passage title", index),
+                    _passage_text(value[key], index))
+    if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str):
+        return value[0], _passage_text(value[1], index)
+    raise ValueError(
+        f"sample {index}: cannot read a passage from {value!r}; the context must be "
+        f"{_CONTEXT_FORMS}"
+    )
+
+
+def read_passages(
+    context: Any, index: int, separator: str
+) -> List[Tuple[Optional[str], str]]:
+    """The passages of a context value as (title or None, text); see ``_CONTEXT_FORMS``.
+    Passages of a string context are stripped, and empty ones skipped."""
+    if isinstance(context, str):
+        return [(None, c.strip()) for c in context.split(separator) if c.strip()]
+    if isinstance(context, Mapping) and "title" in context and _text_key(context) is not None:
+        titles, texts = context["title"], context[_text_key(context)]
+        if not isinstance(titles, (list, tuple)) or not isinstance(texts, (list, tuple)) or len(
+            titles
+        ) != len(texts):
+            raise ValueError(
+                f"sample {index}: the context's 'title' and '{_text_key(context)}' must be "
+                f"lists of one length, got {titles!r} and {texts!r}"
+            )
+        return [(text_field(t, "a passage title", index), _passage_text(x, index))
+                for t, x in zip(titles, texts)]
+    if isinstance(context, (list, tuple)):
+        return [_passage(c, index) for c in context]
+    raise ValueError(
+        f"sample {index}: the context must be {_CONTEXT_FORMS}, got {type(context).__name__}"
+    )
+
+
+def supporting_titles(value: Any, index: int) -> List[str]:
+    """Titles of the supporting passages, from a supporting-facts value: HotpotQA's
+    {"title": [...], "sent_id": [...]} or [[title, sent_id], ...], a list of titles, one title,
+    or any of these as a JSON string (CSV). In order of first mention, without repeats."""
+    if value is None:
+        return []
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(
+                f"sample {index}: cannot read supporting facts from {value!r}"
+            ) from None
+    if isinstance(value, str):
+        entries = [value]
+    elif isinstance(value, Mapping) and "title" in value:
+        titles = value["title"]
+        entries = [titles] if isinstance(titles, str) else list(titles)
+    elif isinstance(value, (list, tuple)):
+        entries = []
+        for fact in value:
+            if isinstance(fact, (list, tuple)) and fact:
+                fact = fact[0]
+            elif isinstance(fact, Mapping) and "title" in fact:
+                fact = fact["title"]
+            entries.append(fact)
+    else:
+        raise ValueError(
+            f"sample {index}: cannot read supporting facts from {value!r}; expected "
+            "{title: [...], sent_id: [...]}, [[title, sent_id], ...] or a list of titles"
+        )
+    titles = [text_field(t, "a supporting fact's title", index) for t in entries]
+    return list(dict.fromkeys(titles))
 
 
 def _parse_required(value: Any, index: int) -> List[int]:
@@ -71,10 +182,27 @@ class ContextQADataset(Dataset):
     """Tokenized question answering over a context made of chunks (paragraphs, passages).
 
     Rows of ``data`` (a Hugging Face ``datasets.Dataset``) hold a context, a question and an
-    answer. The context is a string, split at ``separator`` into chunks (pieces that are empty
-    after stripping are skipped, the others stripped), or a list of strings, one chunk each. The
-    required column, if given, holds the indices of chunks that a crop must never drop (gold
-    evidence): an int, a list of ints, or a string like "0, 2"; missing = none.
+    answer. The context is one of (``read_passages``):
+
+    - a string, split at ``separator`` into chunks (pieces that are empty after stripping are
+      skipped, the others stripped);
+    - a list of passages, one chunk each: strings, titled passages ``[title, text]`` or
+      ``{"title": ..., "text": ...}`` (also ``"sentences"`` or ``"content"`` for the text), where a
+      text may be a list of sentences (HotpotQA's original layout ``[[title, [sentence, ...]],
+      ...]``);
+    - the column layout ``{"title": [...], "sentences": [[...], ...]}`` (HotpotQA on the
+      Hugging Face hub; ``"text"`` or ``"content"`` work in place of ``"sentences"``).
+
+    Sentences are joined by ``join_sentences`` (as they are where a side has whitespace, as
+    HotpotQA's do, else with one space); a titled passage is rendered with ``passage_template``
+    (default ``"{title}: {text}"``), so its title is dropped with it.
+
+    Required chunks, which a crop never drops (gold evidence), come from the required column
+    (indices: an int, a list of ints, or a string like "0, 2"; missing = none) and from the
+    supporting column (titles: HotpotQA's ``supporting_facts`` ``{"title": [...], "sent_id":
+    [...]}`` or ``[[title, sent_id], ...]``, or a list of titles; see ``supporting_titles``):
+    every passage with a supporting title is required. A supporting title that no passage of the
+    context has is an error.
 
     Layout (each piece encoded on its own, see the module docstring)::
 
@@ -87,7 +215,11 @@ class ContextQADataset(Dataset):
 
     Item fields:
 
-    - ``tokens`` (List[int]) and ``labels`` (List[int]), length S.
+    - ``tokens`` (List[int]) and ``labels`` (List[int]), length S. The prompt is
+      ``tokens[:a]`` where ``a`` is the first position whose label is not -100
+      (``CROSS_ENTROPY_IGNORE_IDX``); the answer is the labelled tokens ``tokens[a:]``, the
+      answer text's tokens followed by eos. Greedy generation from the prompt up to eos is the
+      model's answer (for exact match / token F1 against the decoded labelled tokens).
     - ``chunk_spans`` (List[Tuple[int, int]]): token span (start, end exclusive) of each kept
       chunk, including its trailing separator tokens, in order.
     - ``chunk_required`` (List[bool]): per kept chunk, True if it is required.
@@ -117,6 +249,8 @@ class ContextQADataset(Dataset):
         max_seq_len: Optional[int] = None,
         instruction: Optional[str] = DEFAULT_QA_INSTRUCTION,
         chunking: Optional[ChunkingConfig] = None,
+        supporting_column: Optional[str] = None,
+        passage_template: str = DEFAULT_PASSAGE_TEMPLATE,
         source: str = "context_qa_dataset",
     ) -> None:
         check_columns(
@@ -126,11 +260,19 @@ class ContextQADataset(Dataset):
                 "question_column": question_column,
                 "answer_column": answer_column,
                 "required_column": required_column,
+                "supporting_column": supporting_column,
             },
             source,
         )
         if not separator:
             raise ValueError("separator must be a non-empty string")
+        if not isinstance(passage_template, str) or passage_template.count("{text}") != 1 or (
+            passage_template.count("{title}") > 1
+        ):
+            raise ValueError(
+                "passage_template must contain '{text}' exactly once and '{title}' at most once "
+                f"(e.g. {DEFAULT_PASSAGE_TEMPLATE!r}), got {passage_template!r}"
+            )
         if max_seq_len is None:
             max_seq_len = getattr(tokenizer, "max_seq_len", None)
         self._data = data
@@ -139,6 +281,8 @@ class ContextQADataset(Dataset):
         self._question_column = question_column
         self._answer_column = answer_column
         self._required_column = required_column
+        self._supporting_column = supporting_column
+        self.passage_template = passage_template
         self.separator = separator
         self.max_seq_len = max_seq_len
         self.instruction = instruction
@@ -156,15 +300,48 @@ class ContextQADataset(Dataset):
     def __len__(self) -> int:
         return len(self._data)
 
-    def _chunks(self, context: Any, index: int) -> List[str]:
-        if isinstance(context, str):
-            return [c.strip() for c in context.split(self.separator) if c.strip()]
-        if isinstance(context, (list, tuple)):
-            return [text_field(c, "each context chunk", index) for c in context]
-        raise ValueError(
-            f"sample {index}: context must be a string or a list of strings, "
-            f"got {type(context).__name__}"
+    def _render(self, title: Optional[str], text: str) -> str:
+        if title is None:
+            return text
+        return self.passage_template.replace("{title}", title).replace("{text}", text)
+
+    def _required(
+        self, row: Mapping[str, Any], titles: List[Optional[str]], index: int
+    ) -> List[bool]:
+        """Per passage: required by index (required column) or by title (supporting facts)."""
+        required_idx = (
+            _parse_required(row[self._required_column], index) if self._required_column else []
         )
+        for j in required_idx:
+            if not 0 <= j < len(titles):
+                raise ValueError(
+                    f"sample {index}: required chunk index {j} is out of range; the context "
+                    f"has {len(titles)} chunks"
+                )
+        required = [j in required_idx for j in range(len(titles))]
+        if self._supporting_column is None:
+            return required
+        wanted = supporting_titles(row[self._supporting_column], index)
+        if wanted and all(t is None for t in titles):
+            raise ValueError(
+                f"sample {index}: supporting_column={self._supporting_column!r} names passages "
+                "by title, but the context's passages have no titles; give titled passages "
+                "([title, text] or {title, text}), or mark passages by index with "
+                "required_column"
+            )
+        known = [t.strip() if t is not None else None for t in titles]
+        for title in wanted:
+            hits = [j for j, t in enumerate(known) if t == title.strip()]
+            if not hits:
+                raise ValueError(
+                    f"sample {index}: supporting fact title {title!r} is not the title of any "
+                    f"passage in the context (titles: {[t for t in titles if t is not None]}); "
+                    f"check that {self._supporting_column!r} (supporting_column) belongs to "
+                    f"{self._context_column!r} (context_column), or set supporting_column=null"
+                )
+            for j in hits:
+                required[j] = True
+        return required
 
     def _encode_chunk(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
         """ids of a chunk and its separator, and the spans of its text pieces (the separator
@@ -177,19 +354,11 @@ class ContextQADataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         row = self._data[index]
-        chunks = self._chunks(row[self._context_column], index)
+        passages = read_passages(row[self._context_column], index, self.separator)
+        chunks = [self._render(title, text) for title, text in passages]
         question = text_field(row[self._question_column], "the question", index)
         answer = text_field(row[self._answer_column], "the answer", index)
-        required_idx = (
-            _parse_required(row[self._required_column], index) if self._required_column else []
-        )
-        for j in required_idx:
-            if not 0 <= j < len(chunks):
-                raise ValueError(
-                    f"sample {index}: required chunk index {j} is out of range; the context "
-                    f"has {len(chunks)} chunks"
-                )
-        required = [j in required_idx for j in range(len(chunks))]
+        required = self._required(row, [title for title, _ in passages], index)
 
         encoded = [self._encode_chunk(c) for c in chunks]
         prompt_end = encode_text(self._tokenizer, f"Question: {question}\nAnswer:")
@@ -254,6 +423,8 @@ def context_qa_dataset(
     max_seq_len: Optional[int] = None,
     instruction: Optional[str] = DEFAULT_QA_INSTRUCTION,
     chunking: ChunkingLike = None,
+    supporting_column: Optional[str] = None,
+    passage_template: str = DEFAULT_PASSAGE_TEMPLATE,
     **load_dataset_kwargs: Any,
 ) -> ComparativeDataset:
     """Question answering over a chunked context, one droppable chunk per context chunk.
@@ -271,6 +442,10 @@ def context_qa_dataset(
         context_column, question_column, answer_column (str): column names.
         required_column (Optional[str]): column with the indices of chunks never to drop.
         separator (str): splits string contexts into chunks, and is encoded after each chunk.
+        supporting_column (Optional[str]): column naming the supporting passages by title
+            (HotpotQA's ``supporting_facts``); those passages are never dropped.
+        passage_template (str): how a titled passage reads, with ``{text}`` (and ``{title}``).
+            Default ``"{title}: {text}"``.
         max_seq_len (Optional[int]): longest sample; None = ``tokenizer.max_seq_len`` (None =
             no limit).
         instruction (Optional[str]): text before the context; None or "" = none.
@@ -283,8 +458,9 @@ def context_qa_dataset(
         ``protected_spans`` (``text_spans`` in text modes), ``sample_id``, ``chunk_ids``.
 
     Raises:
-        ValueError: a missing column (lists the dataset's columns and the argument to set), or a
-            sample that cannot fit ``max_seq_len``.
+        ValueError: a missing column (lists the dataset's columns and the argument to set), a
+            context that is not in one of the accepted forms, a supporting title that is not in
+            the context, or a sample that cannot fit ``max_seq_len``.
     """
     reject_crop_argument(load_dataset_kwargs)
     data = load_dataset(source, data_files=data_files, split=split, **load_dataset_kwargs)
@@ -299,7 +475,47 @@ def context_qa_dataset(
         max_seq_len=max_seq_len,
         instruction=instruction,
         chunking=chunking,
+        supporting_column=supporting_column,
+        passage_template=passage_template,
         source=f"context_qa_dataset(source={source!r})",
+    )
+
+
+def multi_passage_qa_dataset(
+    tokenizer: Any,
+    *,
+    source: str,
+    supporting_column: Optional[str] = "supporting_facts",
+    **kwargs: Any,
+) -> ComparativeDataset:
+    """Multi-passage question answering (HotpotQA and alike): ``context_qa_dataset`` with the
+    supporting passages named by title in ``supporting_column`` (default "supporting_facts").
+
+    A HotpotQA distractor file works as is: ``question``, ``answer``, ``context`` as
+    ``{"title": [...], "sentences": [[...], ...]}`` (the Hugging Face layout) or as
+    ``[[title, [sentence, ...]], ...]`` (the original JSON), and ``supporting_facts`` as
+    ``{"title": [...], "sent_id": [...]}`` or ``[[title, sent_id], ...]``. Each passage is one
+    chunk (mode "spans"), read as ``"{title}: {sentences joined}"``; the supporting passages are
+    required (never dropped), the distractors are what crops remove. Other columns (``id``,
+    ``type``, ``level``) are ignored.
+
+    .. code-block:: yaml
+
+        dataset:
+          _component_: comparative_recipe.data.multi_passage_qa_dataset
+          source: json
+          data_files: hotpot_train_v1.1.json
+          max_seq_len: 2048
+
+    Every key of ``context_qa_dataset`` applies (``context_column``, ``question_column``,
+    ``answer_column``, ``required_column``, ``passage_template``, ``separator``,
+    ``max_seq_len``, ``instruction``, ``chunking``, and ``load_dataset`` keys such as ``name``);
+    ``supporting_column: null`` for data without supporting facts. Items as in
+    ``ContextQADataset``: the prompt is the tokens before the first labelled one, the answer
+    (with eos) the labelled tokens.
+    """
+    return context_qa_dataset(
+        tokenizer, source=source, supporting_column=supporting_column, **kwargs
     )
 
 

@@ -34,3 +34,19 @@ def write_csv(path, rows, header=("sentence", "label")):
         writer.writerow(header)
         writer.writerows(rows)
     return str(path)
+
+
+def byte_level_qwen_tokenizer(directory, max_seq_len=None):
+    """``qwen2_5_tokenizer`` on a vocab.json / merges.txt written to ``directory``: the 256
+    byte tokens (ids 0..255) and one merge, "\\n\\n" (id 256)."""
+    from torchtune.models.qwen2._tokenizer import bytes_to_unicode
+    from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+
+    chars = bytes_to_unicode()
+    vocab = {chars[b]: b for b in range(256)}
+    newline = chars[ord("\n")]
+    vocab[newline * 2] = 256
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text(f"#version: 0.2\n{newline} {newline}\n")
+    return qwen2_5_tokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
+                             max_seq_len=max_seq_len)

@@ -1,16 +1,24 @@
 """Every shipped config parses, names components that exist, and passes the recipe's checks."""
 
+import inspect
+import re
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from comparative_recipe._torchtune_compat import component
-from comparative_recipe.methods import ComparativeMethod
+from comparative_recipe.data.chunking import ChunkingConfig, chunking_config
+from comparative_recipe.methods import ComparativeMethod, build_method
 from comparative_recipe.training.distributed import DISTRIBUTED_KEYS
 from comparative_recipe.training.trainer import TRAINER_KEYS, VALIDATION_KEYS, check_config_keys
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+# "#   tune download <repo> ... --output-dir <dir>" in a config's header comment
+DOWNLOAD = re.compile(r"^#\s+tune download (\S+) .*?--output-dir (\S+)", re.M)
+DOWNLOADED = [p for p in CONFIGS if DOWNLOAD.search(p.read_text())]
+# The authors rank against the first ablated model for large models, the ultra baseline for small
+LARGE_MODEL_PARAMS = 3e9
 
 
 def components(node):
@@ -37,8 +45,9 @@ def test_config_components_exist_and_settings_parse(path):
     container = OmegaConf.to_container(cfg, resolve=True)
     for dotted in components(container):
         assert callable(component(dotted)), dotted
-    method = ComparativeMethod.from_config(cfg)  # checks the method's sections
-    assert method.settings.num_ablations >= 1
+    method = build_method(cfg)  # checks the method's sections
+    if isinstance(method, ComparativeMethod):
+        assert method.settings.num_ablations >= 1
     assert cfg.task in ("sft", "classification")
     # every key is one the recipe it belongs to reads (the distributed keys only there)
     world_keys = DISTRIBUTED_KEYS if not path.stem.endswith("_single_device") else ()
@@ -61,6 +70,82 @@ def test_every_config_builds_its_model_on_the_meta_device(path):
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params > 0 and all(p.is_meta for p in model.parameters())
     counts = unit_counts(model)
-    hidden = ComparativeMethod.from_config(cfg).settings.hidden
+    hidden = hidden_ablation(build_method(cfg))
     for site in hidden.sites if hidden is not None else ():
         assert counts[site] and all(n > 0 for n in counts[site]), site
+    # the tokenizer never makes a sample longer than the model's positions
+    tokenizer_len = cfg.tokenizer.get("max_seq_len", None)
+    if tokenizer_len is not None:
+        assert tokenizer_len <= model.max_seq_len, (tokenizer_len, model.max_seq_len)
+    baseline = cfg.get("loss", {}).get("baseline", "ultra")
+    assert baseline == ("first" if n_params >= LARGE_MODEL_PARAMS else "ultra"), n_params
+
+
+def hidden_ablation(method):
+    """The hidden-unit ablation a method masks with (None if it masks none)."""
+    return method.settings.hidden if isinstance(method, ComparativeMethod) else method.hidden
+
+
+def _dataset_sections(cfg):
+    container = OmegaConf.to_container(cfg, resolve=True)
+    yield "dataset", container["dataset"]
+    if "validation" in container and "dataset" in container["validation"]:
+        yield "validation.dataset", container["validation"]["dataset"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_dataset_sections_parse(path):
+    """What `tune validate` does not reach: the chunking section, and the keys that
+    comparative_dataset passes on to its builder (bound to the builder's signature)."""
+    for where, section in _dataset_sections(OmegaConf.load(path)):
+        kwargs = {k: v for k, v in section.items() if k != "_component_"}
+        if "chunking" in kwargs:
+            chunking_config(kwargs.pop("chunking"), ChunkingConfig())
+        if "builder" in kwargs:
+            builder = component(kwargs.pop("builder"))
+            try:
+                inspect.signature(builder).bind(None, **kwargs)  # the tokenizer, then the keys
+            except TypeError as e:
+                raise AssertionError(f"{where}: {e}") from e
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_strategy_and_distributed_keys_fit_the_config(path):
+    cfg = OmegaConf.load(path)
+    method = build_method(cfg)
+    settings = method.settings if isinstance(method, ComparativeMethod) else None
+    if settings is not None and settings.strategy == "stacked":
+        # stacking right-pads every crop view to the uncropped length: (1+c) full passes
+        assert not settings.uses_crops
+    if path.stem.endswith("_distributed"):
+        assert set(DISTRIBUTED_KEYS) <= set(cfg), sorted(set(DISTRIBUTED_KEYS) - set(cfg))
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in CONFIGS if "long_context" in p.stem], ids=lambda p: p.stem
+)
+def test_long_context_configs_are_memory_lean_and_crop_first(path):
+    cfg = OmegaConf.load(path)
+    assert cfg.tokenizer.max_seq_len >= 8192
+    assert cfg.enable_activation_checkpointing and cfg.strategy == "recompute"
+    assert cfg.num_output_chunks >= 8
+    assert cfg.ablation.n_input >= 2 and cfg.ablation.get("n_hidden", 0) <= 1
+    assert cfg.dataset.chunking.mode in ("paragraph", "window")
+
+
+def test_long_context_configs_are_shipped():
+    names = {p.relative_to(p.parents[1]).as_posix() for p in CONFIGS if "long_context" in p.stem}
+    assert any(n.endswith("_distributed.yaml") for n in names)
+    assert any(n.endswith("_single_device.yaml") for n in names)
+
+
+@pytest.mark.parametrize("path", DOWNLOADED, ids=lambda p: p.stem)
+def test_the_download_line_fills_the_checkpoint_dir(path):
+    """`tune download ... --output-dir D` in the header: the checkpointer reads D and the
+    tokenizer's files are in D."""
+    out = DOWNLOAD.search(path.read_text()).group(2).rstrip("/")
+    cfg = OmegaConf.load(path)
+    assert str(cfg.checkpointer.checkpoint_dir).rstrip("/") == out
+    for key in ("path", "merges_file"):
+        if key in cfg.tokenizer:
+            assert str(cfg.tokenizer[key]).startswith(out + "/"), key

@@ -1,13 +1,18 @@
 """The neuron sites: where they are, how many units, and that reading one hands exactly the
 activation entering w2 / output_proj (or leaving attn / mlp), compared with hooks written here."""
 
+from copy import deepcopy
+
 import pytest
 import torch
 from torch import nn
 from torchtune import training as tt_training
 from torchtune.models.gemma import gemma
 from torchtune.models.gemma2 import gemma2
-from torchtune.models.llama3_2 import lora_llama3_2
+from torchtune.models.llama3_2 import llama3_2, lora_llama3_2
+from torchtune.models.mistral import mistral
+from torchtune.models.phi3 import phi3
+from torchtune.models.qwen2 import qwen2
 from torchtune.modules import TransformerSelfAttentionLayer
 
 from comparative_recipe.ablation.hidden import (
@@ -16,6 +21,7 @@ from comparative_recipe.ablation.hidden import (
     hidden_ablation_keys,
     install_hidden_ablation,
     set_activation_checkpointing,
+    site_mask,
 )
 from comparative_recipe.models.tiny import tiny_llama
 from comparative_recipe.neurons import (
@@ -246,3 +252,126 @@ def test_sites_through_fsdp2(one_rank_group):
     torch.testing.assert_close(found[1][0], found[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(found[1][1], found[0][1], rtol=1e-5, atol=1e-6)
     assert (found[1][1] == 0).any()  # the masked activation was read
+
+
+# ------------------------------------------------------------------ the families shipped configs use
+
+# Tiny instances of the component builders behind configs/<family>/ (qwen2_5 builds with qwen2),
+# with the sizes that decide the site layout: (builder, layers, heads, kv heads, head_dim,
+# embed_dim, intermediate_dim). gemma2's heads * head_dim (64) differ from its residual width
+# (32), as in gemma2_2b (8 * 256 != 2304); phi3 has as many kv heads as query heads.
+FAMILIES = {
+    "llama3_2": (lambda: llama3_2(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                  embed_dim=32, intermediate_dim=48, max_seq_len=32),
+                 2, 4, 2, 8, 32, 48),
+    "qwen2_5": (lambda: qwen2(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                              embed_dim=32, intermediate_dim=48, max_seq_len=32),
+                2, 4, 2, 8, 32, 48),
+    "gemma2": (lambda: gemma2(vocab_size=64, num_layers=2, num_heads=4, head_dim=16,
+                              num_kv_heads=2, embed_dim=32, intermediate_dim=48, max_seq_len=32,
+                              sliding_window_size=4),
+               2, 4, 2, 16, 32, 48),
+    "phi3": (lambda: phi3(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=32,
+                          intermediate_dim=48, max_seq_len=32),
+             2, 4, 4, 8, 32, 48),
+    "mistral": (lambda: mistral(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                embed_dim=32, intermediate_dim=48, max_seq_len=32),
+                2, 4, 2, 8, 32, 48),
+}
+
+
+def family(name, seed=0):
+    torch.manual_seed(seed)
+    model = FAMILIES[name][0]()
+    model.eval()
+    return model
+
+
+def family_tokens(batch=2, seq=10):
+    return torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def zero_units_in_weights(model, site, dropped):
+    """The reference: removes units by zeroing the weights that read them. ``dropped[layer]`` is
+    a bool [units]; ffn_hidden: w2's input columns; attn_heads: output_proj's head_dim-column
+    block of each head."""
+    with torch.no_grad():
+        for li, layer in enumerate(model.layers):
+            if site == "ffn_hidden":
+                layer.mlp.w2.weight[:, dropped[li]] = 0.0
+            else:
+                cols = dropped[li].repeat_interleave(layer.attn.head_dim)
+                layer.attn.output_proj.weight[:, cols] = 0.0
+    return model
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_unit_counts_of_each_family(name):
+    _, layers, heads, kv, head_dim, embed, hidden = FAMILIES[name]
+    model = family(name)
+    assert type(model.layers[0].attn).__name__ in ("MultiHeadAttention", "Gemma2Attention")
+    assert unit_counts(model) == {
+        "ffn_hidden": [hidden] * layers, "attn_heads": [heads] * layers,
+        "attn_out": [embed] * layers, "ffn_out": [embed] * layers,
+    }
+    for lay in site_layouts(model, "attn_heads"):
+        assert (lay.group, lay.num_kv_heads, lay.heads_per_kv) == (head_dim, kv, heads // kv)
+        assert lay.module is lay.layer.attn.output_proj and lay.side == "input"
+    for lay in site_layouts(model, "ffn_hidden"):
+        assert lay.module is lay.layer.mlp.w2 and lay.group == 1
+
+
+@pytest.mark.parametrize("site", ["ffn_hidden", "attn_heads"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_masking_a_unit_removes_exactly_its_contribution(name, site):
+    """Masking unit 1 of ``site`` on every layer through the site hook gives the logits of the
+    same model with the weights that read unit 1 zeroed, and differs from the full model."""
+    model = family(name)
+    units = unit_counts(model, [site])[site]
+    dropped = [torch.arange(n) == 1 for n in units]
+    reference = zero_units_in_weights(deepcopy(model), site, dropped)
+
+    def drop(lay, acts):
+        mask = (~dropped[lay.layer_index]).to(acts.dtype)
+        return mask_units(acts.flatten(-2), mask, lay.group).unflatten(-1, (lay.units, lay.group))
+
+    x = family_tokens()
+    with torch.no_grad():
+        full = model(x)
+        handle = register_site_hook(model, site, drop)
+        masked = model(x)
+        handle.remove()
+        torch.testing.assert_close(masked, reference(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(masked, full)
+        torch.testing.assert_close(model(x), full, rtol=0, atol=0)  # the hook is gone
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_hidden_ablation_on_each_family_drops_the_masked_units(name):
+    """install_hidden_ablation on a tiny instance of each family: a forward with masks keyed by
+    sample and drop power gives, row by row, the model whose weights reading the masked FFN units
+    and heads are zeroed (unit masks, no rescaling); a power-0 row is the full model."""
+    sites = ("ffn_hidden", "attn_heads")
+    cfg = HiddenAblationConfig(rate=0.4, sites=sites, granularity="unit", scale=False)
+    model = family(name)
+    plain = deepcopy(model)
+    install_hidden_ablation(model, cfg)
+    x = family_tokens(batch=3)
+    keys = MaskKeys(torch.tensor([7, 8, 9]), torch.tensor([0, 1, 2]), step=5)
+    with torch.no_grad(), hidden_ablation_keys(keys):
+        out = model(x)
+    with torch.no_grad():
+        assert torch.equal(out[0], plain(x)[0])
+    n_dropped = 0
+    for row in (1, 2):
+        reference = deepcopy(plain)
+        for site in sites:
+            units = unit_counts(plain, [site])[site]
+            dropped = [site_mask(cfg, keys, site, li, n, x.shape[1])[row, 0] == 0
+                       for li, n in enumerate(units)]
+            n_dropped += sum(int(d.sum()) for d in dropped)
+            zero_units_in_weights(reference, site, dropped)
+        with torch.no_grad():
+            torch.testing.assert_close(out[row], reference(x[row:row + 1])[0], rtol=1e-5,
+                                       atol=1e-5)
+    assert n_dropped > 0

@@ -103,6 +103,12 @@ def prepare(out: Path, train_size: int, dev_size: int) -> None:
     print(f"{model}: {sorted(p.name for p in model.iterdir())}")
 
 
+def _tune_cmp() -> str:
+    """The `tune-cmp` of this Python environment (a venv need not be on PATH)."""
+    beside = Path(sys.executable).parent / "tune-cmp"
+    return str(beside) if beside.exists() else "tune-cmp"
+
+
 def _overrides(out: Path, method: str, run_dir: Path, args) -> List[str]:
     data = out / DATA_DIR
     return [
@@ -133,39 +139,52 @@ def _read_log(run_dir: Path) -> List[Dict[str, float]]:
     return rows
 
 
+def _train(out: Path, method: str, args, env) -> Dict:
+    config = "comparative" if method == "plain" else method
+    run_dir = out / "runs" / method
+    if run_dir.exists():
+        raise FileExistsError(f"{run_dir} exists: remove it to rerun {method}")
+    cmd = [_tune_cmp(), "run", "comparative_finetune_single_device", "--config",
+           f"smollm2/135M_{config}_classification_single_device", *_overrides(out, method, run_dir, args)]
+    print("$", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env)
+    seconds = time.perf_counter() - start
+    log = _read_log(run_dir)
+    train = [r for r in log if "loss" in r]
+    return {"wall_seconds": seconds, "first_step": train[0], "last_step": train[-1],
+            "validation": [r for r in log if "val_loss_0" in r][-1], "command": " ".join(cmd)}
+
+
 def compare(out: Path, args) -> None:
     env = dict(os.environ, GLIBC_TUNABLES=CPU_MALLOC, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    results = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "runs": {}}
     with open(out / DATA_DIR / "dev.csv", encoding="utf-8") as f:
         labels = [r["label"] for r in csv.DictReader(f)]
-    results["majority_rate"] = max(labels.count(v) for v in set(labels)) / len(labels)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results.update({"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
+                    "dev_samples": len(labels),
+                    "majority_rate": max(labels.count(v) for v in set(labels)) / len(labels)})
+    runs = results.setdefault("runs", {})
     for method in args.methods:
-        config = "comparative" if method == "plain" else method
-        run_dir = out / "runs" / method
-        if run_dir.exists():
-            raise FileExistsError(f"{run_dir} exists: remove it to rerun {method}")
-        cmd = ["tune-cmp", "run", "comparative_finetune_single_device", "--config",
-               f"smollm2/135M_{config}_classification_single_device",
-               *_overrides(out, method, run_dir, args), "validation.before_training=True"]
-        print("$", " ".join(cmd), flush=True)
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env)
-        seconds = time.perf_counter() - start
-        log = _read_log(run_dir)
-        val = [r for r in log if "val_loss_0" in r]
-        results["runs"][method] = {"wall_seconds": seconds, "before": val[0], "after": val[-1],
-                                   "train": [r for r in log if "loss" in r]}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nmajority-class rate (dev): {results['majority_rate']:.3f}")
-    print("| method | dev loss before | dev loss after | accuracy before | accuracy after | "
-          "macro-F1 after | wall time |")
-    print("|---|---|---|---|---|---|---|")
-    for method, r in results["runs"].items():
-        b, a = r["before"], r["after"]
-        print(f"| {method} | {b['val_loss_0']:.3f} | {a['val_loss_0']:.3f} | "
-              f"{b['val_accuracy_0']:.3f} | {a['val_accuracy_0']:.3f} | "
-              f"{a['val_macro_f1_0']:.3f} | {r['wall_seconds'] / 60:.1f} min |")
+        runs[method] = _train(out, method, args, env)
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")  # after every run
+    print_table(results)
+
+
+def print_table(results: Dict) -> None:
+    print(f"\n{results['steps']} steps of batch {results['batch_size']}, seed {results['seed']}; "
+          f"dev: {results['dev_samples']} reviews, majority-class rate {results['majority_rate']:.3f}")
+    print("| method | train loss, step 1 -> last | dev loss | dev accuracy | dev macro-F1 | wall time |")
+    print("|---|---|---|---|---|---|")
+    for method in METHODS:
+        r = results["runs"].get(method)
+        if r is None:
+            continue
+        first, last, val = r["first_step"], r["last_step"], r["validation"]
+        print(f"| {method} | {first['loss']:.3f} -> {last['loss']:.3f} | {val['val_loss_0']:.3f} | "
+              f"{val['val_accuracy_0']:.3f} | {val['val_macro_f1_0']:.3f} | "
+              f"{r['wall_seconds'] / 60:.1f} min |")
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 from torchtune import config, utils
 
-from comparative_recipe.methods import ComparativeMethod
+from comparative_recipe.methods import build_method
 from comparative_recipe.training.costs import CollectiveCounter
 from comparative_recipe.training.distributed import DISTRIBUTED_KEYS, World
 from comparative_recipe.training.trainer import Trainer
@@ -37,7 +37,7 @@ from comparative_recipe.training.trainer import Trainer
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="comparative_finetune_distributed", cfg=cfg)
-    method = ComparativeMethod.from_config(cfg)  # config errors before the process group starts
+    method = build_method(cfg)  # config errors before the process group starts
     world = World.from_torchrun(
         utils.get_device(device=cfg.device),
         timeout_minutes=cfg.get("distributed_timeout_minutes", None),

@@ -16,7 +16,8 @@ A single device is the smallest setup of the one training loop
 on a world of one process, with the model built and loaded in place (no FSDP). The method's
 config keys (``ablation``, ``loss``, ``task``, ``strategy``, ``loss_reduction``,
 ``validation.passes``) are read by ``comparative_recipe.methods.ComparativeMethod``; a key that
-nothing reads is an error, before anything is written.
+nothing reads is an error, before anything is written. ``method: dropout`` or ``rdrop`` trains
+the baselines of ``comparative_recipe.methods.baselines`` in the same loop instead.
 """
 
 import os
@@ -25,7 +26,7 @@ import sys
 from omegaconf import DictConfig
 from torchtune import config, utils
 
-from comparative_recipe.methods import ComparativeMethod
+from comparative_recipe.methods import build_method
 from comparative_recipe.training.distributed import DISTRIBUTED_KEYS, World
 from comparative_recipe.training.trainer import Trainer
 
@@ -53,7 +54,7 @@ def recipe_main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="comparative_finetune_single_device", cfg=cfg)
     check_single_process(cfg)
     world = World.single_device(utils.get_device(device=cfg.device))
-    trainer = Trainer(cfg, ComparativeMethod.from_config(cfg), world)
+    trainer = Trainer(cfg, build_method(cfg), world)
     trainer.setup()
     trainer.train()
     trainer.close()

@@ -14,8 +14,8 @@ import torchtune
 from torchtune._recipe_registry import Config, Recipe, get_all_recipes
 from torchtune.config._utils import _get_component_from_path
 
-__all__ = ["Config", "Recipe", "builtin_recipes", "check_compatible", "component",
-           "tune_cli_parser", "use_recipes_in_cli"]
+__all__ = ["Config", "Recipe", "add_subcommand", "builtin_recipes", "check_compatible",
+           "component", "tune_cli_parser", "use_recipes_in_cli"]
 
 SUPPORTED_TORCHTUNE = "0.6.1"
 # The torchtune CLI modules that look recipes up through their module-global `get_all_recipes`.
@@ -60,6 +60,21 @@ def tune_cli_parser(prog: str) -> "torchtune._cli.tune.TuneCLIParser":
                 if subparser.usage and subparser.usage.startswith("tune "):
                     subparser.usage = prog + subparser.usage[len("tune"):]
     return cli
+
+
+def _subcommands(cli: "torchtune._cli.tune.TuneCLIParser") -> argparse._SubParsersAction:
+    for action in cli._parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise RuntimeError("torchtune's CLI parser has no subcommands")
+
+
+def add_subcommand(cli: "torchtune._cli.tune.TuneCLIParser", name: str, **kwargs) -> argparse.ArgumentParser:
+    """A new subcommand ``name`` of torchtune's CLI parser (listed in its help), named after
+    the parser's program; ``kwargs`` go to ``add_parser``."""
+    kwargs.setdefault("prog", f"{cli._parser.prog} {name}")
+    kwargs.setdefault("formatter_class", argparse.RawTextHelpFormatter)
+    return _subcommands(cli).add_parser(name, **kwargs)
 
 
 def check_compatible() -> None:

@@ -1,7 +1,7 @@
 """The `tune-cmp` command: torchtune's CLI with this package's recipes and configs registered.
 
 `tune-cmp` accepts exactly what `tune` accepts (`ls`, `cp`, `run`, `validate`, `cat`,
-`download`); the only difference is that `ls`, `cp`, `run` and `cat` also know the recipes and
+`download`); the differences are that `ls`, `cp`, `run` and `cat` also know the recipes and
 configs installed with `comparative_recipe`, so that
 
     tune-cmp run comparative_finetune_single_device --config demo/tiny_needle_qa key=value
@@ -9,7 +9,12 @@ configs installed with `comparative_recipe`, so that
     tune-cmp cp comparative_finetune_single_device ./my_recipe.py
     tune-cmp cp demo/tiny_needle_qa ./my_config.yaml
 
-work from any directory, exactly like torchtune's built-in recipes.
+work from any directory, exactly like torchtune's built-in recipes, and one more subcommand:
+
+    tune-cmp eval [TORCHRUN-OPTIONS] --config <config> [RECIPE-OPTIONS]
+
+which is `tune-cmp run [TORCHRUN-OPTIONS] comparative_eval --config <config> [RECIPE-OPTIONS]`
+(the evaluation recipe; with torchrun options it runs on torchrun's ranks).
 
 How it works. torchtune has no plugin mechanism: each `torchtune._cli.<sub>` module calls its
 imported `get_all_recipes()` and joins `ROOT / "recipes" / recipe.file_path` (or
@@ -24,7 +29,8 @@ What is registered.
 - Recipes: every `*.py` file directly in the installed package `comparative_recipe.recipes`
   (the repository's top-level `recipes/`) whose name does not start with `_`. The recipe's name
   is the file stem. A recipe supports distributed runs (torchrun flags) if its name ends in
-  `_distributed`.
+  `_distributed` or `_eval` (an evaluation recipe runs on one device, or on torchrun's ranks
+  when launched with torchrun flags).
 - Configs: every `*.yaml` file under the installed package `comparative_recipe.configs` (the
   repository's top-level `configs/`). The config's name is its path relative to that folder,
   without `.yaml`, with `/` separators: `configs/demo/tiny_needle_qa.yaml` is
@@ -34,19 +40,24 @@ What is registered.
       `_single_device`;
     * a name ending in `_distributed` belongs to every recipe whose name ends in
       `_distributed`;
-    * any other config (for example `demo/tiny_needle_qa`) belongs to every recipe.
+    * any other config (for example `demo/tiny_needle_qa`) belongs to every recipe;
+    * every config belongs to a recipe whose name ends in `_eval`: a model is evaluated with
+      the config it was trained with.
   A `_single_device` or `_distributed` config with no matching recipe is not registered.
 
 Names must not repeat torchtune's own recipe or config names; `all_recipes` raises if they do.
 """
 
+import argparse
 import importlib.resources
+import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from comparative_recipe._torchtune_compat import (
     Config,
     Recipe,
+    add_subcommand,
     builtin_recipes,
     tune_cli_parser,
     use_recipes_in_cli,
@@ -57,6 +68,10 @@ CONFIGS_PACKAGE = "comparative_recipe.configs"
 
 # Config and recipe name endings that tie a config to a kind of recipe.
 _KIND_SUFFIXES = ("_single_device", "_distributed")
+# Recipe name ending of evaluation recipes: every config, with or without torchrun.
+_EVAL_SUFFIX = "_eval"
+# The recipe `tune-cmp eval` runs.
+EVAL_RECIPE = "comparative_eval"
 
 
 def _package_dir(package: str) -> Optional[Path]:
@@ -105,18 +120,19 @@ def plugin_recipes(
     for recipe_file in recipe_files:
         recipe_name = recipe_file.stem
         recipe_kind = _kind(recipe_name)
+        is_eval = recipe_name.endswith(_EVAL_SUFFIX)
         configs = []
         for config_file in config_files:
             config_name = config_file.relative_to(configs_dir).with_suffix("").as_posix()
             config_kind = _kind(config_file.stem)
-            if config_kind is None or config_kind == recipe_kind:
+            if is_eval or config_kind is None or config_kind == recipe_kind:
                 configs.append(Config(name=config_name, file_path=str(config_file.resolve())))
         recipes.append(
             Recipe(
                 name=recipe_name,
                 file_path=str(recipe_file.resolve()),
                 configs=sorted(configs, key=lambda c: c.name),
-                supports_distributed=recipe_kind == "_distributed",
+                supports_distributed=recipe_kind == "_distributed" or is_eval,
             )
         )
     return recipes
@@ -144,10 +160,57 @@ def all_recipes(plugin: Optional[List[Recipe]] = None) -> List[Recipe]:
     return builtin + plugin
 
 
+EVAL_USAGE = "tune-cmp eval [TORCHRUN-OPTIONS] --config <config> [RECIPE-OPTIONS]"
+EVAL_EPILOG = """\
+examples:
+
+    # evaluate the demo's best checkpoint with the config it was trained with
+    $ tune-cmp eval --config demo/tiny_needle_qa \\
+        checkpointer.checkpoint_dir=/tmp/comparative_recipe/demo_tiny_needle_qa/best
+
+    # on 2 processes (torchrun), with generated answers scored by exact match and token F1
+    $ tune-cmp eval --nproc_per_node 2 --config demo/tiny_needle_qa \\
+        checkpointer.checkpoint_dir=/tmp/comparative_recipe/demo_tiny_needle_qa/best \\
+        eval.generate.max_new_tokens=8 eval.output_path=/tmp/eval.json
+
+It runs `tune-cmp run [TORCHRUN-OPTIONS] comparative_eval --config ...`: the metrics of the full
+model and of every ablation, printed as a table and written as JSON to eval.output_path
+(default <output_dir>/eval/<checkpoint dir name>.json; never replaced unless eval.overwrite=true).
+"""
+
+
+def eval_as_run(argv: Sequence[str]) -> Optional[List[str]]:
+    """`eval ARGS` as the `run` arguments it stands for: the evaluation recipe inserted before
+    `--config` (torchrun options stay in front of it). None when `argv` is not an `eval` with a
+    `--config`: the `eval` subcommand's parser then prints its help or its error."""
+    if not argv or argv[0] != "eval" or "--config" not in argv:
+        return None
+    rest = list(argv[1:])
+    at = rest.index("--config")
+    if any(a in ("-h", "--help") for a in rest[:at]):
+        return None
+    return ["run", *rest[:at], EVAL_RECIPE, *rest[at:]]
+
+
+def _add_eval_subcommand(cli) -> None:
+    parser = add_subcommand(
+        cli, "eval", help="Evaluate a checkpoint: the full model and every ablation.",
+        usage=EVAL_USAGE, epilog=EVAL_EPILOG,
+        description="Evaluate a checkpoint with the config it was trained with "
+        "(the comparative_eval recipe; torchrun options run it on several processes).",
+    )
+    parser.add_argument("recipe_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.set_defaults(func=lambda args: parser.error("the '--config' argument is required."))
+
+
 def main() -> None:
     """Entry point of the `tune-cmp` console script; reads its arguments from sys.argv."""
     use_recipes_in_cli(all_recipes())
+    run_args = eval_as_run(sys.argv[1:])
+    if run_args is not None:
+        sys.argv = [sys.argv[0], *run_args]
     cli = tune_cli_parser("tune-cmp")
+    _add_eval_subcommand(cli)
     args = cli.parse_args()
     cli.run(args)
 

@@ -392,3 +392,67 @@ def test_wheel_packages_recipes_and_configs(tmp_path):
     table = ls_table(result.stdout)
     assert "probe_family/deeper/probe_single_device" in table["probe_recipe_single_device"]
 
+
+
+# ---------------------------------------------------------------- tune-cmp eval
+
+
+def test_an_eval_recipe_takes_every_config_and_torchrun(tmp_path):
+    touch(tmp_path / "recipes" / "cmp_single_device.py")
+    touch(tmp_path / "recipes" / "cmp_eval.py")
+    touch(tmp_path / "configs" / "demo" / "tiny.yaml")
+    touch(tmp_path / "configs" / "fam" / "1B_single_device.yaml")
+    touch(tmp_path / "configs" / "fam" / "8B_distributed.yaml")
+    found = {r.name: r for r in cli.plugin_recipes(tmp_path / "recipes", tmp_path / "configs")}
+    assert [c.name for c in found["cmp_eval"].configs] == [
+        "demo/tiny", "fam/1B_single_device", "fam/8B_distributed"]
+    assert found["cmp_eval"].supports_distributed is True
+    assert [c.name for c in found["cmp_single_device"].configs] == ["demo/tiny", "fam/1B_single_device"]
+
+
+def test_installed_eval_recipe_is_registered():
+    (recipe,) = [r for r in cli.plugin_recipes() if r.name == cli.EVAL_RECIPE]
+    assert recipe.supports_distributed
+    if DEMO_CONFIG_FILE.is_file():
+        assert DEMO_CONFIG in [c.name for c in recipe.configs]
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["eval", "--config", "c", "k=v"], ["run", "comparative_eval", "--config", "c", "k=v"]),
+    (["eval", "--nproc_per_node", "2", "--config", "c"],
+     ["run", "--nproc_per_node", "2", "comparative_eval", "--config", "c"]),
+    (["eval", "k=v"], None),                 # no --config: the eval parser reports it
+    (["eval", "--help", "--config", "c"], None),
+    (["run", "x", "--config", "c"], None),
+])
+def test_eval_is_run_of_the_eval_recipe(argv, expected):
+    assert cli.eval_as_run(argv) == expected
+
+
+def test_eval_without_config_reports_eval_usage(monkeypatch, capsys):
+    code, _, err = run_main_in_process(["eval", "k=v"], monkeypatch, capsys)
+    assert code == 2
+    assert "usage: tune-cmp eval [TORCHRUN-OPTIONS] --config <config>" in err
+    assert "the '--config' argument is required" in err
+    code, out, _ = run_main_in_process(["--help"], monkeypatch, capsys)
+    assert code == 0 and "eval" in out and "Evaluate a checkpoint" in out
+
+
+def test_eval_with_torchrun_flags_launches_the_eval_recipe_on_each_rank(tmp_path, monkeypatch, capfd):
+    touch(
+        tmp_path / "recipes" / f"{cli.EVAL_RECIPE}.py",
+        "import os, pathlib, sys\n"
+        "rank = os.environ['RANK']\n"
+        "pathlib.Path(f'rank{rank}.txt').write_text(f\"{os.environ['WORLD_SIZE']} {sys.argv[1:]}\")\n",
+    )
+    config = touch(tmp_path / "configs" / "fam" / "1B_distributed.yaml", "a: 1\n")
+    ours = cli.plugin_recipes(tmp_path / "recipes", tmp_path / "configs")
+    monkeypatch.setattr(cli, "plugin_recipes", lambda: ours)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    code, _, _ = run_main_in_process(
+        ["eval", "--nproc_per_node", "2", "--config", "fam/1B_distributed", "k=v"], monkeypatch, capfd
+    )
+    assert code == 0
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == f"2 ['--config', '{config.resolve()}', 'k=v']"

@@ -6,6 +6,9 @@ the builder's own dropout turned off, since the method's full model runs without
 every strategy must see the same forward), the step (``passes.comparative_step``) and its
 metrics. Validation scores the full model alone (``validation.passes: full``, the default: enough
 to select a checkpoint) or every pass (``all``: the ablation curve, about (1+c) x the cost).
+With ``validation.generate`` (e.g. ``{max_new_tokens: 32}``) it also generates each QA sample's
+answer greedily in every validated pass and reports exact match and token F1
+(``metrics.generation``).
 """
 
 from dataclasses import dataclass
@@ -24,8 +27,16 @@ from comparative_recipe.passes import (
     ComparativeStepSpec,
     REDUCTIONS,
     STRATEGIES,
+    build_passes,
     comparative_metrics,
     comparative_step,
+)
+from comparative_recipe.metrics.generation import (
+    AnswerDecoder,
+    GenerationSettings,
+    generation_metrics,
+    generation_sums,
+    stop_token_ids,
 )
 from comparative_recipe.tasks import build_task
 from comparative_recipe.training.dataloader import RecipeData
@@ -161,17 +172,25 @@ class ComparativeMethod:
     trainer then calls ``prepare`` with the loaded model and the data.
     """
 
-    config_keys = frozenset({"ablation", "loss", "task", "strategy", "loss_reduction"})
-    validation_keys = frozenset({"passes"})
+    config_keys = frozenset({"method", "ablation", "loss", "task", "strategy", "loss_reduction"})
+    validation_keys = frozenset({"passes", "generate"})
     normaliser = "weight"
     default_metric = "val_loss_0"
 
     def __init__(self, settings: ComparativeSettings, loss_fn: ComparativeLoss, task: str = "sft",
-                 validation_passes: str = "full") -> None:
+                 validation_passes: str = "full",
+                 generation: Optional[GenerationSettings] = None) -> None:
         self.settings, self.loss_fn, self.task_name = settings, loss_fn, task
         self.validation_passes = checks.choice(
             validation_passes, VALIDATION_PASSES, "validation.passes"
         )
+        if generation is not None and task != "sft":
+            raise ValueError(
+                f"validation.generate scores generated answers (generative QA, task: sft); with "
+                f"task: {task} remove it (classification reports accuracy and macro-F1)"
+            )
+        self.generation = generation
+        self.tokenizer: Any = None
         self.spec: Optional[ComparativeStepSpec] = None
 
     @classmethod
@@ -180,7 +199,18 @@ class ComparativeMethod:
         loss_cfg = cfg.get("loss", None)
         loss_fn = ComparativeLoss() if loss_cfg is None else config.instantiate(loss_cfg)
         val = cfg.get("validation", None) or {}
-        return cls(settings, loss_fn, cfg.get("task", "sft"), val.get("passes", "full"))
+        return cls(settings, loss_fn, cfg.get("task", "sft"), val.get("passes", "full"),
+                   GenerationSettings.from_config(val.get("generate", None)))
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """The run's tokenizer (the trainer hands it over before ``prepare``): generative
+        validation decodes answers and stops at its EOS / stop tokens."""
+        self.tokenizer = tokenizer
+
+    def pass_labels(self) -> List[str]:
+        """A short description of each validated pass (pass 0 first), for reports."""
+        n = 1 + (self.settings.num_ablations if self.validation_passes == "all" else 0)
+        return [describe_level(lvl, self.settings) for lvl in [AblationLevel(0, 0), *self.settings.plan][:n]]
 
     def prepare(self, model: nn.Module, data: RecipeData) -> None:
         s = self.settings
@@ -204,6 +234,20 @@ class ComparativeMethod:
         self._validation_spec = (
             self.spec if self.validation_passes == "all" else self.spec.full_model_only()
         )
+        if self.generation is not None:
+            if self.tokenizer is None:
+                raise RuntimeError(
+                    "validation.generate needs the tokenizer: call set_tokenizer(tokenizer) "
+                    "before prepare (the trainer does)"
+                )
+            self._stop_tokens = stop_token_ids(self.tokenizer, self.generation.stop_tokens)
+            if not self._stop_tokens:
+                raise ValueError(
+                    "validation.generate: the tokenizer has no eos_id or stop_tokens, so an "
+                    "answer would never end early; set validation.generate.stop_tokens"
+                )
+            self._decoder = AnswerDecoder(self.tokenizer, self._stop_tokens)
+            self._pad_id = data.pad_id
 
     def _require_prepared(self) -> ComparativeStepSpec:
         if self.spec is None:
@@ -217,9 +261,17 @@ class ComparativeMethod:
 
     def validation_step(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> Sums:
         self._require_prepared()
-        return comparative_step(
+        sums = comparative_step(
             model, batch, self._validation_spec, step=VALIDATION_STEP_KEY, backward=False
         ).sums()
+        if self.generation is None:
+            return sums
+        # the same views and mask keys as the loss passes (they depend on the step key only)
+        passes = build_passes(batch, self._validation_spec, VALIDATION_STEP_KEY)
+        generated = generation_sums(
+            model, passes, self.generation, self._decoder, self._stop_tokens, self._pad_id
+        )
+        return Sums({**sums.values, **generated})
 
     def step_metrics(self, sums: Dict[str, Any], seconds: float) -> Dict[str, float]:
         metrics = comparative_metrics(sums)
@@ -232,12 +284,14 @@ class ComparativeMethod:
         keep = ("loss_", "accuracy_", "macro_f1_", "samples")
         if len(sums["pass_loss"]) > 1:
             keep += ("cmp_loss", "violation_rate")
-        return {k: v for k, v in metrics.items() if k.startswith(keep)}
+        metrics = {k: v for k, v in metrics.items() if k.startswith(keep)}
+        metrics.update(generation_metrics(sums))
+        return metrics
 
     def describe_validation(self, metrics: Dict[str, float]) -> str:
         n_passes = sum(k.startswith("val_loss_") for k in metrics)
         parts = [f"loss_{k}={metrics[f'val_loss_{k}']:.4f}" for k in range(n_passes)]
-        for name in ("accuracy", "macro_f1"):
+        for name in ("accuracy", "macro_f1", "exact_match", "f1"):
             parts += [
                 f"{name}_{k}={metrics[f'val_{name}_{k}']:.4f}"
                 for k in range(n_passes) if f"val_{name}_{k}" in metrics
@@ -249,3 +303,16 @@ class ComparativeMethod:
             line += " (full model ahead of every ablation)" if ahead else (
                 " (full model NOT ahead of every ablation)")
         return line
+
+
+def describe_level(level: AblationLevel, settings: ComparativeSettings) -> str:
+    """``full model``, or what a pass ablates: its crop rate q_i (at least i chunks) and its
+    hidden-unit drop rate p_i, e.g. ``crop q=0.50 + hidden p=0.10``."""
+    parts = []
+    if level.crop_level > 0:
+        q = 1.0 - (1.0 - settings.crop_rate) ** level.crop_level
+        parts.append(f"crop q={q:.2f}")
+    if level.drop_power > 0 and settings.hidden is not None:
+        p = 1.0 - (1.0 - settings.hidden.rate) ** level.drop_power
+        parts.append(f"hidden p={p:.2f}")
+    return " + ".join(parts) if parts else "full model"

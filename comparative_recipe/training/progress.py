@@ -4,8 +4,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
-# Validation metrics where higher is better (all others, losses, are lower-is-better).
-HIGHER_IS_BETTER = ("val_accuracy", "val_macro_f1")
+# Validation metrics where higher is better (all others, losses, are lower-is-better): prefixes of
+# accuracy and macro-F1 (classification), exact match and token F1 (generative QA).
+HIGHER_IS_BETTER = ("val_accuracy", "val_macro_f1", "val_exact_match", "val_f1")
 
 
 @dataclass
@@ -51,7 +52,7 @@ class TrainingProgress:
 
     def record_best(self, metrics: Dict[str, float], name: str) -> bool:
         """Records ``metrics[name]`` as the best result if it strictly improves on it
-        (accuracies and macro-F1 higher, losses lower; on a tie the earlier result stays). A NaN never
+        (accuracies, macro-F1, exact match and token F1 higher, losses lower; on a tie the earlier result stays). A NaN never
         improves anything. Returns whether it was recorded."""
         if name not in metrics:
             raise ValueError(

@@ -42,10 +42,10 @@ from comparative_recipe.training.checkpointing import (
     weight_files,
 )
 from comparative_recipe.training.costs import CollectiveCounter, peak_memory, reset_peak_memory
-from comparative_recipe.training.dataloader import RecipeData, setup_data
+from comparative_recipe.training.dataloader import RecipeData, build_eval_dataloader, setup_data
 from comparative_recipe.training.distributed import World
 from comparative_recipe.training.progress import TrainingProgress
-from comparative_recipe.training.sums import Sums
+from comparative_recipe.training.sums import HostValue, Sums
 
 log = utils.get_logger("INFO")
 
@@ -67,6 +67,9 @@ class TrainingMethod(Protocol):
     config_keys / validation_keys: the top-level and ``validation`` config keys it reads.
     normaliser: the name of the sum that divides the accumulated gradients.
     default_metric: the validation metric that selects the best checkpoint by default.
+
+    Optional: ``set_tokenizer(tokenizer)``, called with the run's tokenizer before ``prepare``
+    when the method has it (e.g. to decode generated answers).
     """
 
     config_keys: frozenset
@@ -177,14 +180,17 @@ class Trainer:
         self.save_every = cfg.get("save_every_n_steps", None)
         self.val_every = val.get("every_n_steps", None) if val is not None else None
         self.val_metric = val.get("metric", method.default_metric) if val is not None else None
-        self.epochs = cfg.epochs
+        self.epochs = cfg.get("epochs", None)  # read by setup(): an evaluation needs none
         self.progress = TrainingProgress(seed=training.set_seed(seed=cfg.seed))
         self.collectives: Optional[CollectiveCounter] = None
+        self.metric_logger = None  # setup() makes it (rank 0); an evaluation has none
 
     # ------------------------------------------------------------------------------- setup
 
     def setup(self) -> None:
         cfg, world = self.cfg, self.world
+        if self.epochs is None:
+            raise ValueError("epochs is not set: how many epochs to train (e.g. epochs: 1)")
         self.metric_logger = config.instantiate(cfg.metric_logger) if world.is_rank_zero else None
         if self.metric_logger is not None:
             self.metric_logger.log_config(cfg)
@@ -235,6 +241,29 @@ class Trainer:
             )
         world.barrier()
 
+    def setup_evaluation(self, checkpoint_overrides: Optional[Mapping[str, Any]] = None) -> None:
+        """Readies ``evaluate()``: the checkpointer's weights (``checkpoint_overrides`` replace
+        its config keys, e.g. ``checkpoint_files``), the tokenizer, the ``validation`` data and
+        the model, prepared by the method. No training data, optimizer, metric logger or
+        checkpoint manager: nothing is written under ``output_dir``."""
+        cfg, world = self.cfg, self.world
+        val = cfg.get("validation", None)
+        if val is None or val.get("dataset", None) is None:
+            raise ValueError("an evaluation needs a dataset: set validation.dataset")
+        checkpointer = instantiate_checkpointer(cfg.checkpointer, **dict(checkpoint_overrides or {}))
+        state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
+        tokenizer = config.instantiate(cfg.tokenizer)
+        pad_id = collate_padding_idx(tokenizer)
+        dataset = config.instantiate(val.dataset, tokenizer)
+        loader = build_eval_dataloader(
+            dataset, batch_size=val.get("batch_size", cfg.get("batch_size", 1)), pad_id=pad_id,
+            rank=world.rank, world_size=world.world_size,
+        )
+        self.data = RecipeData(dataset, None, loader, pad_id)
+        self.model = self._setup_model(state_dict, tokenizer)
+        del state_dict
+        world.barrier()
+
     def _setup_model(self, state_dict: Dict[str, Any], tokenizer: Any) -> nn.Module:
         cfg, world = self.cfg, self.world
         with training.set_default_dtype(self.dtype), world.model_init_device():
@@ -247,6 +276,8 @@ class Trainer:
                 model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
             )
         world.load_model(model, state_dict, self.dtype)
+        if hasattr(self.method, "set_tokenizer"):
+            self.method.set_tokenizer(tokenizer)
         self.method.prepare(model, self.data)
         if cfg.get("num_output_chunks", 0):
             model.set_num_output_chunks(cfg.num_output_chunks)
@@ -288,8 +319,9 @@ class Trainer:
     # ------------------------------------------------------------------------ validation
 
     @torch.no_grad()
-    def validate(self) -> Dict[str, float]:
-        """Runs the method's validation over this rank's share; metrics summed over ranks."""
+    def validation_sums(self) -> Dict[str, HostValue]:
+        """The method's validation steps over this rank's share of the validation data, their
+        sums added over all ranks (host values, equal on every rank)."""
         self.model.eval()
         parts = []
         for batch in self.data.val_dataloader:
@@ -298,8 +330,17 @@ class Trainer:
         self.model.train()
         if not parts:
             raise ValueError("the validation dataset is empty: add samples or remove `validation`")
-        host = Sums.total(parts).reduced(self.world.all_reduce_sum).to_host()
-        metrics = {f"val_{k}": v for k, v in self.method.validation_metrics(host).items()}
+        return Sums.total(parts).reduced(self.world.all_reduce_sum).to_host()
+
+    def evaluate(self) -> Dict[str, float]:
+        """The validation metrics (``val_`` names) of the model as it is: no checkpoint
+        selection, no logging (``validate`` adds those)."""
+        host = self.validation_sums()
+        return {f"val_{k}": v for k, v in self.method.validation_metrics(host).items()}
+
+    def validate(self) -> Dict[str, float]:
+        """Runs the method's validation over this rank's share; metrics summed over ranks."""
+        metrics = self.evaluate()
         step = self.progress.global_step
         # metrics are summed over ranks: every rank takes the same decision
         if self.progress.record_best(metrics, self.val_metric):

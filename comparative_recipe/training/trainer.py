@@ -191,9 +191,12 @@ class Trainer:
         cfg, world = self.cfg, self.world
         if self.epochs is None:
             raise ValueError("epochs is not set: how many epochs to train (e.g. epochs: 1)")
-        self.metric_logger = config.instantiate(cfg.metric_logger) if world.is_rank_zero else None
-        if self.metric_logger is not None:
-            self.metric_logger.log_config(cfg)
+        # The data first: a bad dataset fails before anything is written under output_dir.
+        tokenizer = config.instantiate(cfg.tokenizer)
+        self.data = setup_data(
+            cfg, tokenizer, pad_id=collate_padding_idx(tokenizer), seed=self.progress.seed,
+            rank=world.rank, world_size=world.world_size,
+        )
 
         self.ckpt = CheckpointManager(cfg.output_dir, keep_last=cfg.get("keep_last_checkpoints", 2))
         if world.is_rank_zero:
@@ -218,12 +221,6 @@ class Trainer:
             checkpointer = instantiate_checkpointer(cfg.checkpointer, **staging)
         self.ckpt.checkpointer = checkpointer
         state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
-
-        tokenizer = config.instantiate(cfg.tokenizer)
-        self.data = setup_data(
-            cfg, tokenizer, pad_id=collate_padding_idx(tokenizer), seed=self.progress.seed,
-            rank=world.rank, world_size=world.world_size,
-        )
         self.model = self._setup_model(state_dict, tokenizer)
         del state_dict
         self.optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
@@ -239,6 +236,10 @@ class Trainer:
                 num_training_steps=self.epochs * self.steps_per_epoch,
                 last_epoch=self.progress.global_step - 1,
             )
+        # last: a run that fails in setup leaves no logs behind
+        self.metric_logger = config.instantiate(cfg.metric_logger) if world.is_rank_zero else None
+        if self.metric_logger is not None:
+            self.metric_logger.log_config(cfg)
         world.barrier()
 
     def setup_evaluation(self, checkpoint_overrides: Optional[Mapping[str, Any]] = None) -> None:

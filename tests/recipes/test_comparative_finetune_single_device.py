@@ -129,7 +129,7 @@ def test_bad_input_fails_before_training_with_a_clear_message(assets, tmp_path, 
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert needle in last, proc.stderr[-2000:]
-    assert not (out / "checkpoints").exists()
+    assert not (out / "checkpoints").exists() and not (out / "logs").exists()
 
 
 def test_dataset_without_needed_fields(assets, tmp_path):

@@ -88,7 +88,6 @@ class _MaskedPassesMethod:
     at the ablation sites, the step's sums and metrics, and full-model validation."""
 
     name = ""
-    n_passes = 1
     # ``validation.passes`` is the comparative method's: here validation is the full model only
     validation_keys = ComparativeMethod.validation_keys - {"passes"}
     normaliser = "weight"
@@ -96,6 +95,7 @@ class _MaskedPassesMethod:
 
     def __init__(self, hidden: HiddenAblationConfig, validator: ComparativeMethod) -> None:
         self.hidden, self.validator = hidden, validator
+        self.spec: Optional[ComparativeStepSpec] = None
 
     @classmethod
     def _read_config(cls, cfg: DictConfig):
@@ -150,10 +150,12 @@ class _MaskedPassesMethod:
                 f"method: {self.name} masks the ablation sites instead",
             )
         install_hidden_ablation(model, self.hidden)
-        self.spec: ComparativeStepSpec = dataclasses.replace(self.validator.spec, plan=(FIRST_LEVEL,))
+        self.spec = dataclasses.replace(self.validator.spec, plan=(FIRST_LEVEL,))
 
     def _masked_pass(self, batch: Dict[str, torch.Tensor], mask_key: int) -> PassInput:
         """The batch with the first level's masks keyed by ``mask_key`` (no crops)."""
+        if self.spec is None:
+            raise RuntimeError(f"{type(self).__name__}.prepare(model, data) must run before a step")
         return build_passes(batch, self.spec, mask_key)[1]
 
     def _forward(self, model: nn.Module, p: PassInput):
@@ -229,7 +231,6 @@ class RDropMethod(_MaskedPassesMethod):
     between their predictions (``rdrop.alpha``, default 1.0)."""
 
     name = "rdrop"
-    n_passes = 2
     config_keys = frozenset({"method", "ablation", "task", "loss_reduction", "rdrop"})
 
     def __init__(self, hidden: HiddenAblationConfig, validator: ComparativeMethod,

@@ -101,6 +101,7 @@ def test_dataset_sections_parse(path):
         kwargs = {k: v for k, v in section.items() if k != "_component_"}
         if "chunking" in kwargs:
             chunking_config(kwargs.pop("chunking"), ChunkingConfig())
+        kwargs.pop("chunk_roles", None)  # comparative_dataset's own key, not the builder's
         if "builder" in kwargs:
             builder = component(kwargs.pop("builder"))
             try:

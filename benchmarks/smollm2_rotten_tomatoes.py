@@ -156,7 +156,8 @@ def _train(out: Path, method: str, seed: int, args, env) -> Dict:
     log = _read_log(run_dir)
     train = [r for r in log if "loss" in r]
     return {"wall_seconds": seconds, "first_step": train[0], "last_step": train[-1],
-            "validation": [r for r in log if "val_loss_0" in r][-1], "command": " ".join(cmd),
+            "validation": [r for r in log if "val_loss_0" in r][-1],
+            "command": " ".join(["tune-cmp", *cmd[1:]]),
             "checkpoint": str(run_dir / "checkpoints" / f"step_{args.steps:06d}")}
 
 

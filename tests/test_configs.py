@@ -54,6 +54,8 @@ def test_config_components_exist_and_settings_parse(path):
     check_config_keys(cfg, TRAINER_KEYS | method.config_keys | set(world_keys))
     if "validation" in cfg:
         check_config_keys(cfg.validation, VALIDATION_KEYS | method.validation_keys, "validation")
+        if "metric" in cfg.validation:  # one the run's validation computes
+            assert cfg.validation.metric in {f"val_{n}" for n in method.validation_metric_names()}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

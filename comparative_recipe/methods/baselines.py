@@ -204,6 +204,9 @@ class _MaskedPassesMethod:
     def validation_metrics(self, sums: Dict[str, Any]) -> Dict[str, float]:
         return self.validator.validation_metrics(sums)
 
+    def validation_metric_names(self):
+        return self.validator.validation_metric_names()
+
     def describe_validation(self, metrics: Dict[str, float]) -> str:
         return self.validator.describe_validation(metrics)
 

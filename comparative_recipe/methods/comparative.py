@@ -12,7 +12,7 @@ answer greedily in every validated pass and reports exact match and token F1
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, FrozenSet, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -206,6 +206,20 @@ class ComparativeMethod:
         """The run's tokenizer (the trainer hands it over before ``prepare``): generative
         validation decodes answers and stops at its EOS / stop tokens."""
         self.tokenizer = tokenizer
+
+    def validation_metric_names(self) -> FrozenSet[str]:
+        """The names ``validation_metrics`` returns (without ``val_``), known from the config
+        alone, so that the trainer checks ``validation.metric`` before training."""
+        n = 1 + (self.settings.num_ablations if self.validation_passes == "all" else 0)
+        per_pass = ["loss"]
+        if self.task_name == "classification":
+            per_pass += ["accuracy", "macro_f1"]
+        if self.generation is not None:
+            per_pass += ["exact_match", "f1"]
+        names = {"samples"} | {f"{name}_{k}" for name in per_pass for k in range(n)}
+        if n > 1:
+            names |= {"cmp_loss", "violation_rate"}
+        return frozenset(names)
 
     def pass_labels(self) -> List[str]:
         """A short description of each validated pass (pass 0 first), for reports."""

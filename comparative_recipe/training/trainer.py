@@ -69,7 +69,9 @@ class TrainingMethod(Protocol):
     default_metric: the validation metric that selects the best checkpoint by default.
 
     Optional: ``set_tokenizer(tokenizer)``, called with the run's tokenizer before ``prepare``
-    when the method has it (e.g. to decode generated answers).
+    when the method has it (e.g. to decode generated answers); ``validation_metric_names()``,
+    the names ``validation_metrics`` returns, so that a ``validation.metric`` nothing computes
+    is an error before training.
     """
 
     config_keys: frozenset
@@ -191,6 +193,14 @@ class Trainer:
         cfg, world = self.cfg, self.world
         if self.epochs is None:
             raise ValueError("epochs is not set: how many epochs to train (e.g. epochs: 1)")
+        known = getattr(self.method, "validation_metric_names", None)
+        if self.val_metric is not None and known is not None:
+            names = sorted(f"val_{name}" for name in known())
+            if self.val_metric not in names:
+                raise ValueError(
+                    f"validation.metric {self.val_metric!r} is not computed by this run's "
+                    f"validation; choose one of {names}"
+                )
         # The data first: a bad dataset fails before anything is written under output_dir.
         tokenizer = config.instantiate(cfg.tokenizer)
         self.data = setup_data(

@@ -160,3 +160,26 @@ def test_every_method_declares_its_keys():
     assert "passes" not in DropoutMethod.validation_keys
     assert "method" in ComparativeMethod.config_keys
     assert isinstance(build_method(OmegaConf.create({"task": "sft"})), ComparativeMethod)
+
+
+@pytest.mark.parametrize("method_cfg", [
+    {"ablation": {"n_hidden": 2, "hidden": HIDDEN}, "validation": {"passes": "all"}},
+    {"ablation": {"n_hidden": 2, "hidden": HIDDEN}, "validation": {"passes": "full"}},
+    {"method": "rdrop"},
+])
+@pytest.mark.parametrize("task", ["sft", "classification"])
+def test_validation_metric_names_are_what_validation_reports(method_cfg, task):
+    """The trainer checks validation.metric against these names before training."""
+    cfg = config(**method_cfg, task=task)
+    batch = make_batch()
+    if task == "classification":  # one scored token per row: a label word (ids 3, 7)
+        labels = torch.full_like(batch["labels"], -100)
+        labels[:, 6] = torch.tensor([3, 7, 7, 3])
+        batch["labels"] = labels
+    data = RecipeData(dataset=type("D", (), {"label_token_ids": [3, 7]})(), dataloader=None,
+                      val_dataloader=None, pad_id=PAD)
+    method = build_method(cfg)
+    method.prepare(model := make_model(), data)
+    model.eval()
+    metrics = method.validation_metrics(method.validation_step(model, batch).to_host())
+    assert set(metrics) == method.validation_metric_names()

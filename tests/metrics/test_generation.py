@@ -162,6 +162,7 @@ def test_generative_validation_reports_exact_match_and_f1_per_pass(tok):
         assert 0.0 <= metrics[f"exact_match_{k}"] <= 1.0
         assert 0.0 <= metrics[f"f1_{k}"] <= 1.0
     assert metrics["samples"] == 6
+    assert set(metrics) == method.validation_metric_names()
     # sums, not means: two batches add up to the whole (any batch split, any rank split)
     halves = [method.validation_step(model, comparative_collate(items[i::2], padding_idx=pad))
               for i in range(2)]

@@ -103,6 +103,7 @@ BAD_INPUTS = [
     ({"gradient_acumulation_steps": 2}, "did you mean 'gradient_accumulation_steps'"),
     ({"fsdp_cpu_offload": False}, "comparative_finetune_distributed"),
     ({"validation": {"dataset": {}, "every_n_step": 2}}, "every_n_steps"),
+    ({"validation": {"dataset": {}, "metric": "val_accuracy_0"}}, "val_accuracy_0' is not computed"),
     ({"dataset": {"_component_": "comparative_recipe.data.comparative_dataset",
                   "builder": "torchtune.datasets.instruct_dataset", "source": "json",
                   "data_files": "DATA", "split": "train",

@@ -123,6 +123,11 @@ def per_sample_cross_entropy(
     return TaskLosses(loss=total / n_tokens.clamp(min=1), n_tokens=n_tokens)
 
 
+def _whole(logits: Logits) -> torch.Tensor:
+    """[B, S, V] logits from a tensor or from torchtune's chunks along the sequence."""
+    return torch.cat(list(logits), dim=1) if isinstance(logits, (list, tuple)) else logits
+
+
 class SFTTask:
     """Supervised fine-tuning: the task loss is the sample's mean token cross-entropy."""
 
@@ -131,6 +136,11 @@ class SFTTask:
 
     def __call__(self, logits: Logits, targets: torch.Tensor) -> TaskLosses:
         return per_sample_cross_entropy(logits, targets)
+
+    def scored_logits(self, logits: Logits, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(z [N, V], row [N])``: the logits at every scored target and each one's row."""
+        rows, pos = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+        return _whole(logits)[rows, pos], rows
 
 
 class ClassificationTask:
@@ -156,12 +166,22 @@ class ClassificationTask:
             )
         self.label_token_ids = torch.tensor(ids)
 
-    def __call__(self, logits: Logits, targets: torch.Tensor) -> TaskLosses:
-        if isinstance(logits, (list, tuple)):
-            logits = torch.cat(list(logits), dim=1)
+    @staticmethod
+    def _answer_positions(targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """([R] bool: the row has a target, [R]: its first scored position, 0 for none)."""
         scored = targets != IGNORE_INDEX
-        has_target = scored.any(dim=1)
-        pos = scored.int().argmax(dim=1)  # first scored position (0 for rows with none)
+        return scored.any(dim=1), scored.int().argmax(dim=1)
+
+    def scored_logits(self, logits: Logits, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(z [N, C], row [N])``: the label words' logits at the answer position of every row
+        that has a target, and those rows."""
+        has_target, pos = self._answer_positions(targets)
+        rows = has_target.nonzero().squeeze(1)
+        return _whole(logits)[rows, pos[rows]][:, self.label_token_ids.to(targets.device)], rows
+
+    def __call__(self, logits: Logits, targets: torch.Tensor) -> TaskLosses:
+        logits = _whole(logits)
+        has_target, pos = self._answer_positions(targets)
         rows = torch.arange(targets.shape[0], device=targets.device)
         label_ids = self.label_token_ids.to(targets.device)
         class_logits = logits[rows, pos][:, label_ids].float()  # [B, C]

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchtune import utils
-from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 from comparative_recipe import checks
 from comparative_recipe.ablation.hidden import HiddenAblationConfig, hidden_ablation_keys, install_hidden_ablation
@@ -59,21 +58,6 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor
     """
     la, lb = F.log_softmax(logits_a.float(), dim=-1), F.log_softmax(logits_b.float(), dim=-1)
     return ((la.exp() - lb.exp()) * (la - lb)).sum(dim=-1)
-
-
-def scored_logits(task: Any, logits: Any, targets: torch.Tensor):
-    """The logits that the task's cross-entropy is over, at the scored positions:
-    ``(z [N, V'], row [N])``, where ``row`` is each position's sample. ``classification``: the
-    label words' logits at the answer position; ``sft``: the vocabulary at each scored target."""
-    if isinstance(logits, (list, tuple)):
-        logits = torch.cat(list(logits), dim=1)
-    scored = targets != CROSS_ENTROPY_IGNORE_IDX
-    if getattr(task, "name", None) == "classification":
-        rows = scored.any(dim=1).nonzero().squeeze(1)
-        pos = scored.int().argmax(dim=1)[rows]
-        return logits[rows, pos][:, task.label_token_ids.to(logits.device)], rows
-    rows, pos = scored.nonzero(as_tuple=True)
-    return logits[rows, pos], rows
 
 
 def per_sample_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -263,8 +247,8 @@ class RDropMethod(_MaskedPassesMethod):
             logits.append(lg)
             outs.append(out)
             targets = p.targets
-        z_a, rows = scored_logits(self.spec.task, logits[0], targets)
-        z_b, _ = scored_logits(self.spec.task, logits[1], targets)
+        z_a, rows = self.spec.task.scored_logits(logits[0], targets)
+        z_b, _ = self.spec.task.scored_logits(logits[1], targets)
         kl = per_sample_mean(symmetric_kl(z_a, z_b), rows, targets.shape[0])
         sample_loss = (outs[0].loss + outs[1].loss) / 2 + self.alpha * kl / 4
         sums, weight = self._sums(outs, sample_loss, kl)

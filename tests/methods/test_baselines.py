@@ -117,12 +117,11 @@ def test_rdrop_objective_and_gradient_by_hand(alpha):
 
 def test_rdrop_on_classification_uses_the_label_word_distribution():
     from comparative_recipe.tasks import ClassificationTask
-    from comparative_recipe.methods.baselines import scored_logits
 
     logits = torch.randn(3, 5, 10)
     targets = torch.full((3, 5), -100)
     targets[0, 2], targets[2, 4] = 7, 3
-    z, rows = scored_logits(ClassificationTask([3, 7]), logits, targets)
+    z, rows = ClassificationTask([3, 7]).scored_logits(list(logits.split([2, 3], dim=1)), targets)
     assert rows.tolist() == [0, 2]
     torch.testing.assert_close(z, torch.stack([logits[0, 2, [3, 7]], logits[2, 4, [3, 7]]]))
 

@@ -17,6 +17,9 @@ error, and so is any unknown key of the ``eval`` section::
       generate: {max_new_tokens: 32}   # default: validation.generate (none: no generation)
       output_path: ...        # default: <output_dir>/eval/<checkpoint dir name>.json
       overwrite: false        # an existing output file is an error unless true
+      adapter: ...            # LoRA configs: a checkpoint directory of the run (adapter_model.pt);
+                              # checkpointer.checkpoint_dir stays the base model. Unset: the base
+                              # model (or merged weights) alone
 
 This module turns such a config into the validation config the method and trainer read
 (``evaluation_config``), finds the checkpoint's weight files, builds the JSON report and the
@@ -35,10 +38,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from comparative_recipe import checks
-from comparative_recipe.training.checkpointing import weight_files
+from comparative_recipe.training.adapters import ADAPTER_WEIGHTS_FILE, adapter_files_in
+from comparative_recipe.training.checkpointing import MERGED_DIR, weight_files
 from comparative_recipe.training.trainer import check_config_keys
 
-EVAL_KEYS = frozenset({"dataset", "batch_size", "passes", "generate", "output_path", "overwrite"})
+EVAL_KEYS = frozenset({"dataset", "batch_size", "passes", "generate", "output_path", "overwrite",
+                       "adapter"})
 # Per-pass metrics of a report, in table order (each present when the method computed it).
 PASS_METRICS = ("loss", "accuracy", "macro_f1", "exact_match", "f1")
 SUMMARY_METRICS = ("cmp_loss", "violation_rate")
@@ -50,12 +55,14 @@ class EvalSettings:
     """What the ``eval`` section decides besides the validation config.
 
     output_path: the JSON report; overwrite: whether an existing one may be replaced;
-    checkpoint_overrides: checkpointer keys replaced to load the checkpoint (its weight files).
+    checkpoint_overrides: checkpointer keys replaced to load the checkpoint (its weight files);
+    adapter_dir: a LoRA run's checkpoint directory whose adapter goes on the loaded weights.
     """
 
     output_path: Path
     overwrite: bool = False
     checkpoint_overrides: Dict[str, Any] = field(default_factory=dict)
+    adapter_dir: Optional[Path] = None
 
 
 def checkpoint_overrides(checkpointer: Any) -> Dict[str, Any]:
@@ -85,6 +92,15 @@ def checkpoint_overrides(checkpointer: Any) -> Dict[str, Any]:
     try:
         return {"checkpoint_files": weight_files(directory)}
     except FileNotFoundError as e:
+        if adapter_files_in(directory):
+            merged = directory / MERGED_DIR
+            raise FileNotFoundError(
+                f"{directory} holds a LoRA adapter, not model weights: keep "
+                "checkpointer.checkpoint_dir at the base model and pass "
+                f"eval.adapter={directory}"
+                + (f", or evaluate its merged weights with checkpointer.checkpoint_dir={merged}"
+                   if merged.is_dir() else "")
+            ) from e
         nested = sorted(
             str(p.relative_to(directory)) for p in directory.glob("*/**/*.safetensors")
         )[:4]
@@ -140,7 +156,16 @@ def evaluation_config(cfg: DictConfig) -> Tuple[DictConfig, EvalSettings]:
         path = Path(str(cfg.output_dir)) / "eval" / f"{name}.json"
     path = Path(str(path))
     check_output_path(path, overwrite)
-    return out, EvalSettings(path, overwrite, checkpoint_overrides(cfg.checkpointer))
+    adapter = section.get("adapter", None)
+    if adapter is not None:
+        adapter = Path(str(adapter))
+        if not (adapter / ADAPTER_WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(
+                f"eval.adapter {adapter} is not a LoRA checkpoint directory (it must hold "
+                f"{ADAPTER_WEIGHTS_FILE}): give <output_dir>/best or "
+                "<output_dir>/checkpoints/step_<N> of a LoRA run"
+            )
+    return out, EvalSettings(path, overwrite, checkpoint_overrides(cfg.checkpointer), adapter)
 
 
 def _method_validation_keys(cfg: DictConfig) -> frozenset:
@@ -205,6 +230,7 @@ def evaluation_report(
             "checkpoint_dir": str(checkpointer.get("checkpoint_dir")),
             "checkpoint_files": _plain(settings.checkpoint_overrides.get(
                 "checkpoint_files", checkpointer.get("checkpoint_files", None))),
+            "adapter": None if settings.adapter_dir is None else str(settings.adapter_dir),
         },
         "dataset": _plain(val.dataset),
         "passes_evaluated": str(val.get("passes", "all")),

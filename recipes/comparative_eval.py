@@ -44,7 +44,7 @@ def recipe_main(cfg: DictConfig) -> None:
     else:
         world = World.single_device(device)
     trainer = Trainer(eval_cfg, method, world, world_keys=(*DISTRIBUTED_KEYS, "eval"))
-    trainer.setup_evaluation(settings.checkpoint_overrides)
+    trainer.setup_evaluation(settings.checkpoint_overrides, adapter_dir=settings.adapter_dir)
     metrics = trainer.evaluate()
     labels = getattr(method, "pass_labels", lambda: None)
     if world.is_rank_zero:

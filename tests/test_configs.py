@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from comparative_recipe._torchtune_compat import component
 from comparative_recipe.data.chunking import ChunkingConfig, chunking_config
 from comparative_recipe.methods import ComparativeMethod, build_method
+from comparative_recipe.training.adapters import lora_settings
 from comparative_recipe.training.distributed import DISTRIBUTED_KEYS
 from comparative_recipe.training.trainer import TRAINER_KEYS, VALIDATION_KEYS, check_config_keys
 
@@ -19,6 +20,13 @@ DOWNLOAD = re.compile(r"^#\s+tune download (\S+) .*?--output-dir (\S+)", re.M)
 DOWNLOADED = [p for p in CONFIGS if DOWNLOAD.search(p.read_text())]
 # The authors rank against the first ablated model for large models, the ultra baseline for small
 LARGE_MODEL_PARAMS = 3e9
+# Adapter configs: a lora_* / qlora_* builder (torchtune 0.6.1 has no qlora_qwen2_5_*: Qwen's
+# QLoRA configs use the LoRA builder with quantize_base: True, and say so in their name)
+LORA_CONFIGS = [p for p in CONFIGS if "lora" in str(OmegaConf.load(p).model._component_)]
+# The sections a LoRA config keeps from the full fine-tuning config it is a variant of
+SHARED_SECTIONS = ("task", "ablation", "loss", "strategy", "tokenizer", "checkpointer", "dataset",
+                   "batch_size", "gradient_accumulation_steps", "loss_reduction",
+                   "num_output_chunks", "lr_scheduler", "dtype")
 
 
 def components(node):
@@ -152,3 +160,54 @@ def test_the_download_line_fills_the_checkpoint_dir(path):
     for key in ("path", "merges_file"):
         if key in cfg.tokenizer:
             assert str(cfg.tokenizer[key]).startswith(out + "/"), key
+
+
+def _is_qlora(path):
+    return "qlora" in path.stem
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_adapter_configs_are_recognised_by_their_builder(path):
+    """A config is an adapter config exactly when its builder is a LoRA one, and its name says
+    which: `_lora_` / `_qlora_` (QLoRA: quantized base weights, activation checkpointing)."""
+    cfg = OmegaConf.load(path)
+    settings = lora_settings(cfg.model)  # raises on a key the builder does not take
+    builder = str(cfg.model._component_)
+    if "lora" not in builder:
+        assert settings is None, builder
+        assert "save_adapter_weights_only" not in cfg
+        assert "lora" not in path.stem
+        return
+    assert settings is not None, builder
+    assert re.search(r"_q?lora_", path.stem), path.stem
+    assert settings.rank >= 1 and settings.target_modules
+    assert settings.quantize_base is _is_qlora(path), (builder, settings)
+    if "qlora" in builder:
+        assert _is_qlora(path)
+    if _is_qlora(path):
+        assert cfg.enable_activation_checkpointing is True
+    assert isinstance(cfg.save_adapter_weights_only, bool)
+
+
+def test_adapter_configs_are_shipped():
+    names = {p.relative_to(p.parents[1]).as_posix() for p in LORA_CONFIGS}
+    assert "qwen2_5/0.5B_lora_comparative_single_device.yaml" in names
+    assert "smollm2/135M_lora_comparative_single_device.yaml" in names
+    assert any(_is_qlora(p) for p in LORA_CONFIGS)
+    assert any(p.stem.endswith("_distributed") for p in LORA_CONFIGS)
+
+
+@pytest.mark.parametrize("path", LORA_CONFIGS, ids=lambda p: p.stem)
+def test_adapter_configs_keep_their_full_configs_comparative_sections(path):
+    """An adapter config is its full fine-tuning config with an adapter: the same task, passes,
+    loss, data and model files, its own output_dir."""
+    full_path = path.with_name(re.sub(r"_q?lora_", "_", path.name))
+    assert full_path.is_file(), full_path
+    cfg, full = OmegaConf.load(path), OmegaConf.load(full_path)
+    raw, raw_full = OmegaConf.to_container(cfg), OmegaConf.to_container(full)  # ${output_dir} kept
+    for key in SHARED_SECTIONS:
+        assert raw.get(key) == raw_full.get(key), key
+    assert cfg.output_dir != full.output_dir
+    if full_path.stem.endswith("_distributed"):
+        for key in DISTRIBUTED_KEYS:
+            assert cfg[key] == full[key], key

@@ -15,11 +15,15 @@ and loads an HF-format checkpoint (e.g. one written by `comparative_recipe.model
 `smollm2_tokenizer` (the checkpoint's `tokenizer.json`, ChatML messages).
 """
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from tokenizers import Tokenizer
 from torch import nn
 from torchtune.data import Message, PromptTemplate, PromptTemplateInterface, truncate
+from torchtune.modules.low_precision import FrozenNF4Linear
+from torchtune.modules.common_utils import reparametrize_as_dtype_state_dict_post_hook
+from torchtune.modules.peft import LoRALinear
 from torchtune.modules.transforms.tokenizers import BaseTokenizer, ModelTokenizer
 
 from comparative_recipe._torchtune_compat import component
@@ -33,7 +37,8 @@ from torchtune.modules import (
     TransformerSelfAttentionLayer,
 )
 
-__all__ = ["SmolLM2Tokenizer", "smollm2", "smollm2_135m", "smollm2_tokenizer"]
+__all__ = ["SmolLM2Tokenizer", "lora_smollm2", "lora_smollm2_135m", "smollm2", "smollm2_135m",
+           "smollm2_tokenizer"]
 
 
 def smollm2(
@@ -49,6 +54,7 @@ def smollm2(
     norm_eps: float = 1e-5,
     attn_dropout: float = 0.0,
     tie_word_embeddings: bool = True,
+    linear: Optional[Callable[[str, int, int], nn.Module]] = None,
 ) -> TransformerDecoder:
     """A Llama-architecture decoder with unscaled RoPE (the SmolLM2 family's layout).
 
@@ -65,7 +71,14 @@ def smollm2(
         norm_eps: RMSNorm epsilon.
         attn_dropout: attention dropout.
         tie_word_embeddings: share the output projection with the token embedding.
+        linear: builds each attention and MLP linear from its torchtune name (``q_proj``, ...,
+            ``w1``, ``w2``, ``w3``) and (in, out) features; plain ``nn.Linear`` when None
+            (``lora_smollm2`` gives LoRA linears).
     """
+    if linear is None:
+        def linear(name: str, in_dim: int, out_dim: int) -> nn.Module:
+            return nn.Linear(in_dim, out_dim, bias=False)
+
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     head_dim = head_dim if head_dim is not None else embed_dim // num_heads
@@ -78,10 +91,10 @@ def smollm2(
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            q_proj=nn.Linear(embed_dim, num_heads * head_dim, bias=False),
-            k_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),
-            v_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),
-            output_proj=nn.Linear(num_heads * head_dim, embed_dim, bias=False),
+            q_proj=linear("q_proj", embed_dim, num_heads * head_dim),
+            k_proj=linear("k_proj", embed_dim, num_kv_heads * head_dim),
+            v_proj=linear("v_proj", embed_dim, num_kv_heads * head_dim),
+            output_proj=linear("output_proj", num_heads * head_dim, embed_dim),
             pos_embeddings=rope,
             max_seq_len=max_seq_len,
             attn_dropout=attn_dropout,
@@ -90,9 +103,9 @@ def smollm2(
             TransformerSelfAttentionLayer(
                 attn=attn,
                 mlp=FeedForward(
-                    gate_proj=nn.Linear(embed_dim, intermediate_dim, bias=False),
-                    down_proj=nn.Linear(intermediate_dim, embed_dim, bias=False),
-                    up_proj=nn.Linear(embed_dim, intermediate_dim, bias=False),
+                    gate_proj=linear("w1", embed_dim, intermediate_dim),
+                    down_proj=linear("w2", intermediate_dim, embed_dim),
+                    up_proj=linear("w3", embed_dim, intermediate_dim),
                 ),
                 sa_norm=RMSNorm(dim=embed_dim, eps=norm_eps),
                 mlp_norm=RMSNorm(dim=embed_dim, eps=norm_eps),
@@ -115,22 +128,63 @@ def smollm2(
     )
 
 
+_SMOLLM2_135M = dict(vocab_size=49152, num_layers=30, num_heads=9, num_kv_heads=3,
+                     embed_dim=576, intermediate_dim=1536, head_dim=64, rope_base=100_000.0,
+                     norm_eps=1e-5, tie_word_embeddings=True)
+
+
 def smollm2_135m(max_seq_len: int = 8192, attn_dropout: float = 0.0) -> TransformerDecoder:
     """SmolLM2-135M (base or Instruct): 30 layers, width 576, 9 query / 3 kv heads of 64,
     MLP 1536, vocabulary 49152, tied embeddings, RoPE base 100000, RMSNorm eps 1e-5."""
-    return smollm2(
-        vocab_size=49152,
-        num_layers=30,
-        num_heads=9,
-        num_kv_heads=3,
-        embed_dim=576,
-        intermediate_dim=1536,
-        max_seq_len=max_seq_len,
-        head_dim=64,
-        rope_base=100_000.0,
-        norm_eps=1e-5,
-        attn_dropout=attn_dropout,
-        tie_word_embeddings=True,
+    return smollm2(**_SMOLLM2_135M, max_seq_len=max_seq_len, attn_dropout=attn_dropout)
+
+
+def lora_smollm2(
+    lora_attn_modules: List[str],
+    apply_lora_to_mlp: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    quantize_base: bool = False,
+    **smollm2_kwargs: Any,
+) -> TransformerDecoder:
+    """``smollm2`` with torchtune LoRA linears (the arguments of torchtune's ``lora_*``
+    builders; no ``apply_lora_to_output``: the output projection is the tied embedding).
+    ``quantize_base``: the attention and MLP base weights in NF4 (QLoRA), which needs each
+    weight's element count to be a multiple of 16384 (torchao's blocks)."""
+    adapted = set(lora_attn_modules) | ({"w1", "w2", "w3"} if apply_lora_to_mlp else set())
+
+    def linear(name: str, in_dim: int, out_dim: int) -> nn.Module:
+        if name in adapted:
+            return LoRALinear(in_dim, out_dim, rank=lora_rank, alpha=lora_alpha,
+                              dropout=lora_dropout, quantize_base=quantize_base)
+        if quantize_base:
+            return FrozenNF4Linear(in_dim, out_dim, bias=False)
+        return nn.Linear(in_dim, out_dim, bias=False)
+
+    model = smollm2(**smollm2_kwargs, linear=linear)
+    if quantize_base:  # state dicts hold bf16 weights, as torchtune's QLoRA builders give them
+        model._register_state_dict_hook(
+            partial(reparametrize_as_dtype_state_dict_post_hook, offload_to_cpu=True)
+        )
+    return model
+
+
+def lora_smollm2_135m(
+    lora_attn_modules: List[str],
+    apply_lora_to_mlp: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    max_seq_len: int = 8192,
+    attn_dropout: float = 0.0,
+) -> TransformerDecoder:
+    """SmolLM2-135M (``smollm2_135m``) with LoRA adapters. There is no QLoRA variant: its
+    576-wide projections (331,776 weights) are not a multiple of NF4's 16384-weight blocks."""
+    return lora_smollm2(
+        lora_attn_modules, apply_lora_to_mlp=apply_lora_to_mlp, lora_rank=lora_rank,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, **_SMOLLM2_135M,
+        max_seq_len=max_seq_len, attn_dropout=attn_dropout,
     )
 
 

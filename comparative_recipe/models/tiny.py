@@ -19,6 +19,7 @@ The checkpoint directory holds `model.safetensors` (HF key names, written by
 
 import inspect
 import json
+from functools import partial
 import os
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from safetensors.torch import save_file
 from torchtune.models.convert_weights import tune_to_hf
-from torchtune.models.llama3_2 import llama3_2
+from torchtune.models.llama3_2 import llama3_2, lora_llama3_2
 from torchtune.modules import TransformerDecoder
 from torchtune.training import FullModelHFCheckpointer
 
@@ -78,6 +79,56 @@ def tiny_llama(
         scale_factor=_ROPE_SCALE_FACTOR,
         tie_word_embeddings=tie_word_embeddings,
     )
+
+
+def tiny_lora_llama(
+    lora_attn_modules: List[str],
+    apply_lora_to_mlp: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    quantize_base: bool = False,
+    vocab_size: int = 512,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    embed_dim: int = 64,
+    intermediate_dim: int = 128,
+    max_seq_len: int = 1024,
+    tie_word_embeddings: bool = True,
+    rope_base: int = 500_000,
+    norm_eps: float = 1e-5,
+    attn_dropout: float = 0.0,
+) -> TransformerDecoder:
+    """`tiny_llama` with LoRA adapters, built by torchtune's `lora_llama3_2` component builder:
+    it loads the same checkpoints (no ``apply_lora_to_output``: torchtune's Llama 3.2 builder
+    has none for its tied embeddings). QLoRA (``quantize_base``) needs every quantized weight's
+    element count to be a multiple of 16384 (torchao's NF4 blocks), e.g. ``embed_dim: 128``,
+    ``num_kv_heads`` = ``num_heads``, ``intermediate_dim: 256``."""
+    return lora_llama3_2(
+        lora_attn_modules=list(lora_attn_modules),
+        apply_lora_to_mlp=apply_lora_to_mlp,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        quantize_base=quantize_base,
+        vocab_size=vocab_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        embed_dim=embed_dim,
+        max_seq_len=max_seq_len,
+        intermediate_dim=intermediate_dim,
+        rope_base=rope_base,
+        norm_eps=norm_eps,
+        attn_dropout=attn_dropout,
+        scale_factor=_ROPE_SCALE_FACTOR,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+tiny_qlora_llama = partial(tiny_lora_llama, quantize_base=True)
+tiny_qlora_llama.__doc__ = "`tiny_lora_llama` with NF4 base weights (QLoRA)."
 
 
 def init_tiny_llama(seed: int = 0, **tiny_llama_kwargs: Any) -> TransformerDecoder:

@@ -6,6 +6,10 @@ Layout under ``output_dir``::
                                the other files of the input checkpoint, recipe_state.pt
     best/                      the weights with the best validation metric so far
 
+A LoRA run's checkpoint holds the adapter instead (``adapter_model.pt``, torchtune's keys;
+``adapter_model.safetensors`` + ``adapter_config.json``, PEFT's) with ``base_model.json``, and,
+unless it saves adapter weights only, the merged weights as a complete HF folder in ``merged/``.
+
 A checkpoint directory is written under a temporary name and renamed into place when complete,
 so a run killed at any point leaves either the previous checkpoint or the new one, never half of
 one. ``latest()`` only considers directories that hold ``recipe_state.pt``.
@@ -16,6 +20,7 @@ every save lands in a staging directory first and is then moved into place.
 """
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -28,6 +33,7 @@ from torchtune import training, utils
 
 RECIPE_STATE_FILE = "recipe_state.pt"
 STAGING_DIR = ".staging"
+MERGED_DIR = "merged"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -80,6 +86,24 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old)
 
 
+def _move_merged_weights(directory: Path) -> None:
+    """A LoRA save with merged weights: those go to ``merged/``, a complete HF model folder
+    (weights, index, config.json and the input checkpoint's other files); the adapter stays at
+    the top. transformers' ``from_pretrained`` applies any adapter_config.json it finds beside
+    the weights, so merged weights next to the adapter would get the adapter twice."""
+    merged = directory / MERGED_DIR
+    merged.mkdir()
+    for path in sorted(directory.iterdir()):
+        if path == merged or path.name.startswith("adapter_"):
+            continue
+        if path.name.startswith("model") and path.suffix in (".safetensors", ".bin", ".json"):
+            os.replace(path, merged / path.name)  # the weights and their index
+        elif path.is_dir():
+            shutil.copytree(path, merged / path.name)
+        else:
+            shutil.copy2(path, merged / path.name)
+
+
 class CheckpointManager:
     """Saves and finds checkpoints written through a torchtune checkpointer.
 
@@ -103,35 +127,50 @@ class CheckpointManager:
         self.checkpointer: Any = None
         self.in_use: Optional[Path] = None
 
-    def _write(self, dst: Path, model_state: Dict[str, torch.Tensor], recipe_state: Optional[Dict]) -> Path:
+    def _write(self, dst: Path, checkpoint: Dict[str, Any], recipe_state: Optional[Dict],
+               files: Optional[Dict[str, Dict]] = None) -> Path:
         if self.checkpointer is None:
             raise RuntimeError("CheckpointManager.checkpointer is not set")
-        # torchtune's HF checkpointer converts the weights and writes them, with config.json and
-        # the other files of its input checkpoint, to <its output dir>/epoch_<n>/.
+        # torchtune's HF checkpointer converts the weights (and a LoRA run's adapter) and writes
+        # them, with config.json and the other files of its input checkpoint, to
+        # <its output dir>/epoch_<n>/.
         written = self.staging_dir / "epoch_0"
         shutil.rmtree(written, ignore_errors=True)
         with _quiet_torchtune_logs():
             self.checkpointer.save_checkpoint(
-                {training.MODEL_KEY: dict(model_state)}, epoch=0, intermediate_checkpoint=False
+                dict(checkpoint), epoch=0, intermediate_checkpoint=False,
+                adapter_only=training.MODEL_KEY not in checkpoint,
             )
         _fix_weight_permissions(written)
+        if training.ADAPTER_KEY in checkpoint and training.MODEL_KEY in checkpoint:
+            _move_merged_weights(written)
+        for name, content in (files or {}).items():
+            (written / name).write_text(json.dumps(content, indent=2))
         if recipe_state is not None:
             torch.save(recipe_state, written / RECIPE_STATE_FILE)
         dst.parent.mkdir(parents=True, exist_ok=True)
         _replace_dir(written, dst)
         return dst
 
-    def save(self, step: int, model_state: Dict[str, torch.Tensor], recipe_state: Dict) -> Path:
-        """Writes ``checkpoints/step_<step>`` atomically and prunes old step checkpoints."""
-        path = self._write(self.root / f"step_{step:06d}", model_state, recipe_state)
+    def save(self, step: int, checkpoint: Dict[str, Any], recipe_state: Dict,
+             files: Optional[Dict[str, Dict]] = None) -> Path:
+        """Writes ``checkpoints/step_<step>`` atomically and prunes old step checkpoints.
+
+        ``checkpoint``: torchtune's checkpoint dict (``{"model": state_dict}``; a LoRA run's
+        adds ``"adapter"`` and ``"adapter_config"``, and has no ``"model"`` when it saves the
+        adapter alone). ``files``: JSON files to write beside it, ``{name: content}``.
+        """
+        path = self._write(self.root / f"step_{step:06d}", checkpoint, recipe_state, files)
         for old in self.step_dirs()[: -self.keep_last]:
             if old != self.in_use:
                 shutil.rmtree(old, ignore_errors=True)
         return path
 
-    def save_best(self, model_state: Dict[str, torch.Tensor], info: Dict) -> Path:
-        """Writes ``best/`` (weights plus ``info``: step and validation metric) atomically."""
-        return self._write(self.output_dir / "best", model_state, info)
+    def save_best(self, checkpoint: Dict[str, Any], info: Dict,
+                  files: Optional[Dict[str, Dict]] = None) -> Path:
+        """Writes ``best/`` (as ``save`` does, plus ``info``: step and validation metric)
+        atomically."""
+        return self._write(self.output_dir / "best", checkpoint, info, files)
 
     def remove_incomplete(self) -> None:
         """Cleans up after a run killed while saving: empties the staging directory and restores
@@ -169,10 +208,13 @@ class CheckpointManager:
 
 
 def weight_files(checkpoint_dir: Path) -> List[str]:
-    """The model weight files of an HF-format checkpoint directory, sorted."""
-    files = sorted(p.name for p in Path(checkpoint_dir).glob("*.safetensors"))
-    if not files:
-        files = sorted(p.name for p in Path(checkpoint_dir).glob("*.bin"))
+    """The model weight files of an HF-format checkpoint directory, sorted (a LoRA
+    checkpoint's ``adapter_model.*`` files are not model weights)."""
+    def found(pattern: str) -> List[str]:
+        return sorted(p.name for p in Path(checkpoint_dir).glob(pattern)
+                      if not p.name.startswith("adapter_model."))
+
+    files = found("*.safetensors") or found("*.bin")
     if not files:
         raise FileNotFoundError(f"no *.safetensors or *.bin weight files in {checkpoint_dir}")
     return files

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchtune import training
+from torchtune.modules.peft import get_adapter_state_dict
 
 # Config keys that only a torchrun-launched (FSDP2) run reads.
 DISTRIBUTED_KEYS = (
@@ -150,11 +151,15 @@ class World:
         )
         training.validate_no_params_on_meta_device(model)
 
-    def full_model_state(self, model: nn.Module) -> Optional[dict]:
-        """The whole model's state dict on rank 0 (None elsewhere); collective when sharded."""
+    def full_model_state(self, model: nn.Module, adapter_weights_only: bool = False) -> Optional[dict]:
+        """The whole model's state dict on rank 0 (None elsewhere); collective when sharded.
+        ``adapter_weights_only``: only the LoRA adapters' entries (nothing else is gathered)."""
         if not self.sharded:
-            return model.state_dict()
-        return training.gather_cpu_state_dict(model, self.is_rank_zero, device=self.device)
+            state = model.state_dict()
+            return get_adapter_state_dict(state) if adapter_weights_only else state
+        return training.gather_cpu_state_dict(
+            model, self.is_rank_zero, device=self.device, adapter_weights_only=adapter_weights_only
+        )
 
     def full_optimizer_state(self, model: nn.Module, optimizer) -> Optional[dict]:
         """The optimizer state for the whole model on rank 0; collective when sharded."""

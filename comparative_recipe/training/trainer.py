@@ -11,7 +11,8 @@ normalisation, clipping, the optimizer and LR schedule, step metrics and the pro
 periodic validation with best-checkpoint selection, step checkpoints, exact resume and kill-safe
 saves. A method plugs in what is its own (``TrainingMethod``): how the model is prepared, its
 step (a batch -> named sums, backward inside) and its metrics. ``World`` hides how many ranks
-there are.
+there are. A LoRA / QLoRA model builder makes it adapter fine-tuning for any method
+(``adapters.LoRAAdapters``: frozen base, adapter checkpoints in torchtune's and PEFT's format).
 
 Global normalisation: each micro-batch back-propagates an unnormalised sum; one all-reduce per
 optimizer step carries every named sum, and gradients are scaled by
@@ -35,6 +36,7 @@ from tqdm import tqdm
 from comparative_recipe.ablation.hidden import set_activation_checkpointing
 from comparative_recipe.data.collate import collate_padding_idx
 from comparative_recipe.data.tokenizer_utils import validate_vocab
+from comparative_recipe.training.adapters import LoRAAdapters
 from comparative_recipe.training.checkpointing import (
     CheckpointManager,
     instantiate_checkpointer,
@@ -56,7 +58,7 @@ TRAINER_KEYS = frozenset({
     "seed", "shuffle", "batch_size", "validation", "optimizer", "lr_scheduler", "epochs",
     "max_steps_per_epoch", "gradient_accumulation_steps", "clip_grad_norm", "save_every_n_steps",
     "keep_last_checkpoints", "device", "dtype", "enable_activation_checkpointing", "compile",
-    "metric_logger", "log_every_n_steps", "num_output_chunks",
+    "metric_logger", "log_every_n_steps", "num_output_chunks", "save_adapter_weights_only",
 })
 VALIDATION_KEYS = frozenset({"dataset", "batch_size", "every_n_steps", "metric"})
 
@@ -172,6 +174,16 @@ class Trainer:
         if val is not None:
             check_config_keys(val, VALIDATION_KEYS | method.validation_keys, "validation")
         self.cfg, self.method, self.world = cfg, method, world
+        # LoRA / QLoRA when the model builder has adapters (checked here, before anything runs)
+        self.adapters = LoRAAdapters.from_config(cfg)
+        if self.adapters is not None and self.adapters.settings.quantize_base and world.sharded:
+            raise ValueError(
+                "QLoRA (quantize_base: True) cannot be sharded with FSDP2 on this stack: "
+                "torchao 0.13's NF4 all-gather does not match torch 2.13's FSDP2 (it fails in "
+                "NF4Tensor.fsdp_post_all_gather). Train QLoRA with "
+                "comparative_finetune_single_device, or LoRA (quantize_base: False) on several "
+                "devices"
+            )
         self.device = world.device
         self.dtype = training.get_dtype(cfg.dtype, device=self.device)
         if self.dtype == torch.float16:
@@ -222,18 +234,26 @@ class Trainer:
                     "checkpoint (a step_<n> directory with recipe_state.pt); start without "
                     "resume_from_checkpoint"
                 )
-            checkpointer = instantiate_checkpointer(
-                cfg.checkpointer, checkpoint_dir=str(latest),
-                checkpoint_files=weight_files(latest), **staging,
-            )
+            if self.adapters is None:
+                checkpointer = instantiate_checkpointer(
+                    cfg.checkpointer, checkpoint_dir=str(latest),
+                    checkpoint_files=weight_files(latest), **staging,
+                )
+            else:  # the base as configured; the adapters come from the checkpoint
+                checkpointer = instantiate_checkpointer(cfg.checkpointer, **staging)
             recipe_state, self.ckpt.in_use = load_recipe_state(latest), latest
         else:
             checkpointer = instantiate_checkpointer(cfg.checkpointer, **staging)
         self.ckpt.checkpointer = checkpointer
         state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
-        self.model = self._setup_model(state_dict, tokenizer)
+        self.model = self._setup_model(
+            state_dict, tokenizer, adapter_dir=latest if recipe_state is not None else None
+        )
         del state_dict
-        self.optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
+        # only the trainable parameters (a LoRA run's adapters) get optimizer state
+        self.optimizer = config.instantiate(
+            cfg.optimizer, [p for p in self.model.parameters() if p.requires_grad]
+        )
         self.steps_per_epoch = steps_per_epoch(
             len(self.data.dataloader), self.grad_accum, cfg.get("max_steps_per_epoch", None)
         )
@@ -252,11 +272,19 @@ class Trainer:
             self.metric_logger.log_config(cfg)
         world.barrier()
 
-    def setup_evaluation(self, checkpoint_overrides: Optional[Mapping[str, Any]] = None) -> None:
+    def setup_evaluation(self, checkpoint_overrides: Optional[Mapping[str, Any]] = None,
+                         adapter_dir: Optional[str] = None) -> None:
         """Readies ``evaluate()``: the checkpointer's weights (``checkpoint_overrides`` replace
-        its config keys, e.g. ``checkpoint_files``), the tokenizer, the ``validation`` data and
-        the model, prepared by the method. No training data, optimizer, metric logger or
-        checkpoint manager: nothing is written under ``output_dir``."""
+        its config keys, e.g. ``checkpoint_files``), a LoRA model's adapter from ``adapter_dir``
+        (without one: the adapters' initialisation, which leaves the base model's outputs
+        unchanged), the tokenizer, the ``validation`` data and the model, prepared by the
+        method. No training data, optimizer, metric logger or checkpoint manager: nothing is
+        written under ``output_dir``."""
+        if adapter_dir is not None and self.adapters is None:
+            raise ValueError(
+                f"an adapter ({adapter_dir}) was given but {self.cfg.model._component_} is not a "
+                "LoRA builder: evaluate it with the LoRA config it was trained with"
+            )
         cfg, world = self.cfg, self.world
         val = cfg.get("validation", None)
         if val is None or val.get("dataset", None) is None:
@@ -271,15 +299,40 @@ class Trainer:
             rank=world.rank, world_size=world.world_size,
         )
         self.data = RecipeData(dataset, None, loader, pad_id)
-        self.model = self._setup_model(state_dict, tokenizer)
+        self.model = self._setup_model(state_dict, tokenizer, adapter_dir=adapter_dir)
         del state_dict
         world.barrier()
 
-    def _setup_model(self, state_dict: Dict[str, Any], tokenizer: Any) -> nn.Module:
+    def _setup_model(self, state_dict: Dict[str, Any], tokenizer: Any,
+                     adapter_dir: Optional[Any] = None) -> nn.Module:
+        """Builds the model, loads ``state_dict`` (a LoRA model: the base weights, with the
+        adapters of ``adapter_dir`` or their initialisation) and prepares it for the method."""
         cfg, world = self.cfg, self.world
         with training.set_default_dtype(self.dtype), world.model_init_device():
-            model = config.instantiate(cfg.model)
+            try:
+                model = config.instantiate(cfg.model)
+            except AssertionError as e:  # torchao's NF4 checks
+                if self.adapters is None or not self.adapters.settings.quantize_base:
+                    raise
+                raise ValueError(
+                    f"{cfg.model._component_} cannot quantize this model's weights to NF4 ({e}): "
+                    "torchao's NF4 needs each quantized weight's element count to be a multiple "
+                    "of 16384 (blocks of 64, scalers in blocks of 256). Use LoRA "
+                    "(quantize_base: False, a lora_* builder) for this model"
+                ) from e
         validate_vocab(tokenizer, model.tok_embeddings.num_embeddings)
+        if self.adapters is not None:
+            trainable = self.adapters.freeze_base(model)  # before wrapping, as torchtune does
+            self.adapters.set_base(state_dict)
+            if adapter_dir is not None:
+                adapter, source = self.adapters.load_adapter(adapter_dir), str(adapter_dir)
+            else:
+                adapter, source = self.adapters.initial_state(model, self.progress.seed), "init"
+            self.adapters.check_state(model, adapter, source)
+            state_dict = {**state_dict, **adapter}
+            utils.log_rank_zero(
+                log, f"{self.adapters.describe()}: {trainable:,} trainable parameters"
+            )
         if cfg.get("compile", False):
             training.compile_model(model, verbose=world.is_rank_zero)
         if cfg.get("enable_activation_checkpointing", False):
@@ -312,9 +365,23 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- saving
 
+    def _checkpoint(self) -> Optional[Dict[str, Any]]:
+        """torchtune's checkpoint dict of the model on rank 0 (None elsewhere; collective when
+        sharded): its weights, or a LoRA run's adapter (and merged weights)."""
+        only = self.adapters is not None and self.adapters.save_adapter_weights_only
+        model_state = self.world.full_model_state(self.model, adapter_weights_only=only)
+        if not self.world.is_rank_zero:
+            return None
+        if self.adapters is None:
+            return {training.MODEL_KEY: model_state}
+        return self.adapters.checkpoint_dict(model_state)
+
+    def _checkpoint_files(self) -> Dict[str, Dict]:
+        return self.adapters.files() if self.adapters is not None else {}
+
     def save_checkpoint(self) -> None:
         """``checkpoints/step_N``: weights, optimizer, dataloader position and progress."""
-        model_state = self.world.full_model_state(self.model)  # collective when sharded
+        checkpoint = self._checkpoint()
         optimizer_state = self.world.full_optimizer_state(self.model, self.optimizer)
         if self.world.is_rank_zero:
             state = {
@@ -323,7 +390,8 @@ class Trainer:
                 "optimizer": optimizer_state,
                 "dataloader": self.data.dataloader.state_dict(),  # equal on every rank
             }
-            path = self.ckpt.save(self.progress.global_step, model_state, state)
+            path = self.ckpt.save(self.progress.global_step, checkpoint, state,
+                                  self._checkpoint_files())
             log.info(f"Checkpoint of step {self.progress.global_step} saved to {path}")
         self.world.barrier()
 
@@ -355,9 +423,10 @@ class Trainer:
         step = self.progress.global_step
         # metrics are summed over ranks: every rank takes the same decision
         if self.progress.record_best(metrics, self.val_metric):
-            model_state = self.world.full_model_state(self.model)
+            checkpoint = self._checkpoint()
             if self.world.is_rank_zero:
-                path = self.ckpt.save_best(model_state, dict(self.progress.best))
+                path = self.ckpt.save_best(checkpoint, dict(self.progress.best),
+                                           self._checkpoint_files())
                 log.info(
                     f"Best {self.val_metric} so far ({metrics[self.val_metric]:.4f}, step "
                     f"{step}): weights saved to {path}"

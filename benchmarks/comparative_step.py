@@ -292,12 +292,13 @@ COLUMNS = [
 ]
 
 
-def table(rows: List[Dict]) -> str:
-    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
+def table(rows: List[Dict], columns=COLUMNS) -> str:
+    """A markdown table of ``rows``: ``columns`` are (key, header, format); a missing key is -."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
     lines = [head, sep]
     for r in rows:
-        cells = [fmt.format(r[k]) if k in r else "-" for k, _, fmt in COLUMNS]
+        cells = [fmt.format(r[k]) if k in r else "-" for k, _, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

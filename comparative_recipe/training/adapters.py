@@ -46,6 +46,9 @@ from comparative_recipe import checks
 from comparative_recipe._torchtune_compat import component
 
 LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
+# HF / PEFT names of torchtune's projections, for the hint of a mistaken name
+_HF_NAMES = {"o_proj": "output_proj", "gate_proj": "apply_lora_to_mlp",
+             "up_proj": "apply_lora_to_mlp", "down_proj": "apply_lora_to_mlp"}
 # What torchtune's checkpointer names the adapter files it writes.
 ADAPTER_WEIGHTS_FILE = "adapter_model.pt"
 ADAPTER_FILES = ("adapter_model.pt", "adapter_model.safetensors", "adapter_model.bin",
@@ -101,7 +104,7 @@ def lora_settings(cfg_model: Mapping) -> Optional[LoRASettings]:
     model = _plain(cfg_model)
     path = model.pop("_component_", None)
     if path is None:
-        raise ValueError("model._component_ is not set: the model builder to instantiate")
+        return None  # no builder: instantiating the model reports it
     builder = component(path)
     try:
         params = inspect.signature(builder).parameters
@@ -139,7 +142,8 @@ def lora_settings(cfg_model: Mapping) -> Optional[LoRASettings]:
         raise ValueError(f"model.lora_attn_modules must be a list of projection names, got {modules!r}")
     for name in modules:
         if name not in LORA_ATTN_MODULES:
-            close = difflib.get_close_matches(str(name), LORA_ATTN_MODULES, n=1)
+            close = ([_HF_NAMES[name]] if name in _HF_NAMES
+                     else difflib.get_close_matches(str(name), LORA_ATTN_MODULES, n=1))
             raise ValueError(
                 f"model.lora_attn_modules has an unknown projection {name!r}"
                 + (f" (did you mean {close[0]!r}?)" if close else "")

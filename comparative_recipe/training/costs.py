@@ -6,7 +6,7 @@ Used by the distributed (FSDP2) recipes to log per-step costs and by the benchma
 
 import resource
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -145,6 +145,15 @@ def peak_memory_kind(device: torch.device) -> str:
 
 
 
+def _storage_ptr(t: torch.Tensor) -> Optional[int]:
+    """The address of ``t``'s storage; None for a wrapper subclass without one (torchao's
+    NF4Tensor, whose parameters are what a QLoRA linear saves for backward)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
 class _Saved:
     """A tensor saved for backward, counted while the autograd graph holds it."""
 
@@ -172,7 +181,7 @@ class SavedTensorMeter:
     """
 
     def __init__(self, exclude: Any = ()) -> None:
-        self._excluded = {p.untyped_storage().data_ptr() for p in exclude}
+        self._excluded = {ptr for p in exclude if (ptr := _storage_ptr(p)) is not None}
         self._refs: Dict[Any, List[int]] = {}  # storage key -> [saved count, bytes]
         self.live = 0
         self.peak = 0
@@ -182,10 +191,10 @@ class SavedTensorMeter:
         self.peak = self.live
 
     def _pack(self, t: torch.Tensor) -> _Saved:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr == 0 or ptr in self._excluded:
+        ptr = _storage_ptr(t)
+        if not ptr or ptr in self._excluded:  # a storage-less subclass: QLoRA's NF4 weights
             return _Saved(t, self, None)
+        storage = t.untyped_storage()
         key = (t.device, ptr)
         entry = self._refs.get(key)
         if entry is None:

@@ -176,13 +176,14 @@ class Trainer:
         self.cfg, self.method, self.world = cfg, method, world
         # LoRA / QLoRA when the model builder has adapters (checked here, before anything runs)
         self.adapters = LoRAAdapters.from_config(cfg)
-        if self.adapters is not None and self.adapters.settings.quantize_base and world.sharded:
+        self.qlora = self.adapters is not None and self.adapters.settings.quantize_base
+        if self.qlora and world.sharded and world.world_size == 1:
             raise ValueError(
-                "QLoRA (quantize_base: True) cannot be sharded with FSDP2 on this stack: "
-                "torchao 0.13's NF4 all-gather does not match torch 2.13's FSDP2 (it fails in "
-                "NF4Tensor.fsdp_post_all_gather). Train QLoRA with "
-                "comparative_finetune_single_device, or LoRA (quantize_base: False) on several "
-                "devices"
+                "QLoRA (quantize_base: True) on one FSDP2 rank fails on this stack: torch 2.13's "
+                "FSDP2 skips the all-gather for a single rank, which torchao 0.13's NF4 weights "
+                "need (NF4Tensor.fsdp_post_all_gather). On one device run "
+                "comparative_finetune_single_device; the distributed recipe takes QLoRA on 2 or "
+                "more ranks"
             )
         self.device = world.device
         self.dtype = training.get_dtype(cfg.dtype, device=self.device)
@@ -312,7 +313,7 @@ class Trainer:
             try:
                 model = config.instantiate(cfg.model)
             except AssertionError as e:  # torchao's NF4 checks
-                if self.adapters is None or not self.adapters.settings.quantize_base:
+                if not self.qlora:
                     raise
                 raise ValueError(
                     f"{cfg.model._component_} cannot quantize this model's weights to NF4 ({e}): "
@@ -339,7 +340,17 @@ class Trainer:
             set_activation_checkpointing(
                 model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
             )
-        world.load_model(model, state_dict, self.dtype)
+        try:
+            world.load_model(model, state_dict, self.dtype)
+        except AssertionError as e:  # torchao's NF4 split into FSDP2 shards
+            if not (self.qlora and world.sharded):
+                raise
+            raise ValueError(
+                f"the NF4 (QLoRA) weights cannot be split into {world.world_size} FSDP2 shards "
+                f"({e}): each quantized weight needs a multiple of 16384 x {world.world_size} "
+                "elements (NF4 blocks of 64, scalers in blocks of 256, whole scaler blocks per "
+                "rank). Use fewer ranks, LoRA (quantize_base: False), or the single-device recipe"
+            ) from e
         if hasattr(self.method, "set_tokenizer"):
             self.method.set_tokenizer(tokenizer)
         self.method.prepare(model, self.data)

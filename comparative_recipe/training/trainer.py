@@ -214,6 +214,7 @@ class Trainer:
                     f"validation.metric {self.val_metric!r} is not computed by this run's "
                     f"validation; choose one of {names}"
                 )
+        self._check_model_builds()
         # The data first: a bad dataset fails before anything is written under output_dir.
         tokenizer = config.instantiate(cfg.tokenizer)
         self.data = setup_data(
@@ -290,6 +291,7 @@ class Trainer:
         val = cfg.get("validation", None)
         if val is None or val.get("dataset", None) is None:
             raise ValueError("an evaluation needs a dataset: set validation.dataset")
+        self._check_model_builds()
         checkpointer = instantiate_checkpointer(cfg.checkpointer, **dict(checkpoint_overrides or {}))
         state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
         tokenizer = config.instantiate(cfg.tokenizer)
@@ -304,23 +306,30 @@ class Trainer:
         del state_dict
         world.barrier()
 
+    def _check_model_builds(self) -> None:
+        """Builds the model on the meta device (no memory, no weights; about 2 s for an NF4
+        8B), so that a builder argument error, or QLoRA weights that NF4 cannot quantize, fails
+        before anything is loaded or written."""
+        try:
+            with training.set_default_dtype(self.dtype), torch.device("meta"):
+                config.instantiate(self.cfg.model)
+        except AssertionError as e:  # torchao's NF4 checks
+            if not self.qlora:
+                raise
+            raise ValueError(
+                f"{self.cfg.model._component_} cannot quantize this model's weights to NF4 ({e}): "
+                "torchao's NF4 needs each quantized weight's element count to be a multiple of "
+                "16384 (blocks of 64, scalers in blocks of 256). Use LoRA (quantize_base: False, "
+                "a lora_* builder) for this model"
+            ) from e
+
     def _setup_model(self, state_dict: Dict[str, Any], tokenizer: Any,
                      adapter_dir: Optional[Any] = None) -> nn.Module:
         """Builds the model, loads ``state_dict`` (a LoRA model: the base weights, with the
         adapters of ``adapter_dir`` or their initialisation) and prepares it for the method."""
         cfg, world = self.cfg, self.world
         with training.set_default_dtype(self.dtype), world.model_init_device():
-            try:
-                model = config.instantiate(cfg.model)
-            except AssertionError as e:  # torchao's NF4 checks
-                if not self.qlora:
-                    raise
-                raise ValueError(
-                    f"{cfg.model._component_} cannot quantize this model's weights to NF4 ({e}): "
-                    "torchao's NF4 needs each quantized weight's element count to be a multiple "
-                    "of 16384 (blocks of 64, scalers in blocks of 256). Use LoRA "
-                    "(quantize_base: False, a lora_* builder) for this model"
-                ) from e
+            model = config.instantiate(cfg.model)
         validate_vocab(tokenizer, model.tok_embeddings.num_embeddings)
         if self.adapters is not None:
             trainable = self.adapters.freeze_base(model)  # before wrapping, as torchtune does

@@ -237,6 +237,19 @@ def test_bad_lora_settings_fail_before_anything_is_written(assets, tmp_path, mod
     assert not out.exists()
 
 
+@pytest.mark.parametrize("model,needle", [
+    (dict(QLORA_MODEL, **MODEL), "multiple of 16384"),  # 32-wide weights: 1024 elements
+    (dict(LORA_MODEL, num_kv_heads=3), "num_heads (4) must be divisible by num_kv_heads (3)"),
+])
+def test_a_model_that_cannot_be_built_fails_before_anything_is_written(assets, tmp_path, model, needle):
+    """The model is built on the meta device first: builder and NF4 errors come before any
+    data, weights or output directory."""
+    out = tmp_path / "out"
+    proc = run_recipe(lora_config(assets, out, model=model), tmp_path, "bad", check=False)
+    assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()
+
+
 def test_an_adapter_of_another_base_model_is_refused(assets, tmp_path, lora_run):
     cfg, out = lora_run
     init_tiny_llama_checkpoint(tmp_path / "other_base", seed=1, **MODEL)

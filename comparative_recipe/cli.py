@@ -14,7 +14,15 @@ work from any directory, exactly like torchtune's built-in recipes, and one more
     tune-cmp eval [TORCHRUN-OPTIONS] --config <config> [RECIPE-OPTIONS]
 
 which is `tune-cmp run [TORCHRUN-OPTIONS] comparative_eval --config <config> [RECIPE-OPTIONS]`
-(the evaluation recipe; with torchrun options it runs on torchrun's ranks).
+(the evaluation recipe; with torchrun options it runs on torchrun's ranks), its sibling
+
+    tune-cmp analyze [TORCHRUN-OPTIONS] --config <config> [RECIPE-OPTIONS]
+
+(the `comparative_analyze` recipe: ablation curves, per-layer utility and attribution of
+checkpoints), and two commands on a run's output directory, which need no config:
+
+    tune-cmp plot RUN_DIR [RUN_DIR ...]    # training curves from the metric logs (PNG + JSON)
+    tune-cmp report RUN_DIR                # one self-contained HTML report of the run
 
 How it works. torchtune has no plugin mechanism: each `torchtune._cli.<sub>` module calls its
 imported `get_all_recipes()` and joins `ROOT / "recipes" / recipe.file_path` (or
@@ -29,8 +37,8 @@ What is registered.
 - Recipes: every `*.py` file directly in the installed package `comparative_recipe.recipes`
   (the repository's top-level `recipes/`) whose name does not start with `_`. The recipe's name
   is the file stem. A recipe supports distributed runs (torchrun flags) if its name ends in
-  `_distributed` or `_eval` (an evaluation recipe runs on one device, or on torchrun's ranks
-  when launched with torchrun flags).
+  `_distributed`, `_eval` or `_analyze` (an evaluation recipe runs on one device, or on
+  torchrun's ranks when launched with torchrun flags).
 - Configs: every `*.yaml` file under the installed package `comparative_recipe.configs` (the
   repository's top-level `configs/`). The config's name is its path relative to that folder,
   without `.yaml`, with `/` separators: `configs/demo/tiny_needle_qa.yaml` is
@@ -41,8 +49,8 @@ What is registered.
     * a name ending in `_distributed` belongs to every recipe whose name ends in
       `_distributed`;
     * any other config (for example `demo/tiny_needle_qa`) belongs to every recipe;
-    * every config belongs to a recipe whose name ends in `_eval`: a model is evaluated with
-      the config it was trained with.
+    * every config belongs to a recipe whose name ends in `_eval` or `_analyze`: a model is
+      evaluated with the config it was trained with.
   A `_single_device` or `_distributed` config with no matching recipe is not registered.
 
 Names must not repeat torchtune's own recipe or config names; `all_recipes` raises if they do.
@@ -68,10 +76,12 @@ CONFIGS_PACKAGE = "comparative_recipe.configs"
 
 # Config and recipe name endings that tie a config to a kind of recipe.
 _KIND_SUFFIXES = ("_single_device", "_distributed")
-# Recipe name ending of evaluation recipes: every config, with or without torchrun.
-_EVAL_SUFFIX = "_eval"
-# The recipe `tune-cmp eval` runs.
+# Recipe name endings of evaluation recipes: every config, with or without torchrun.
+_EVAL_SUFFIXES = ("_eval", "_analyze")
+# The recipes `tune-cmp eval` and `tune-cmp analyze` run.
 EVAL_RECIPE = "comparative_eval"
+ANALYZE_RECIPE = "comparative_analyze"
+RECIPE_ALIASES = {"eval": EVAL_RECIPE, "analyze": ANALYZE_RECIPE}
 
 
 def _package_dir(package: str) -> Optional[Path]:
@@ -120,7 +130,7 @@ def plugin_recipes(
     for recipe_file in recipe_files:
         recipe_name = recipe_file.stem
         recipe_kind = _kind(recipe_name)
-        is_eval = recipe_name.endswith(_EVAL_SUFFIX)
+        is_eval = recipe_name.endswith(_EVAL_SUFFIXES)
         configs = []
         for config_file in config_files:
             config_name = config_file.relative_to(configs_dir).with_suffix("").as_posix()
@@ -179,28 +189,79 @@ model and of every ablation, printed as a table and written as JSON to eval.outp
 """
 
 
+ANALYZE_USAGE = "tune-cmp analyze [TORCHRUN-OPTIONS] --config <config> [RECIPE-OPTIONS]"
+ANALYZE_EPILOG = """\
+examples:
+
+    # plain vs comparative on the demo task: ablation curves, per-layer heatmap, attribution
+    $ tune-cmp analyze --config demo/tiny_needle_qa output_dir=/tmp/demo_cmp \\
+        'analyze.checkpoints=[/tmp/demo_plain/best,/tmp/demo_cmp/best]' \\
+        'analyze.labels=[plain,comparative]'
+
+    # fewer points: two seeds, the FFN and all-sites curves, no per-layer view
+    $ tune-cmp analyze --config demo/tiny_needle_qa output_dir=/tmp/demo_cmp \\
+        'analyze.seeds=[0,1]' 'analyze.curves=[ffn_hidden,all,crop]' analyze.layer_rate=null
+
+It runs `tune-cmp run [TORCHRUN-OPTIONS] comparative_analyze --config ...` and writes
+<output_dir>/analysis/ablation.json (never replaced unless analyze.overwrite=true) and its PNG
+plots (matplotlib: pip install 'comparative_recipe[plots]'; analyze.plots=false writes the JSON
+alone). Every analyze.* key is described in comparative_recipe.analysis.ablation.
+"""
+
+
 def eval_as_run(argv: Sequence[str]) -> Optional[List[str]]:
-    """`eval ARGS` as the `run` arguments it stands for: the evaluation recipe inserted before
-    `--config` (torchrun options stay in front of it). None when `argv` is not an `eval` with a
-    `--config`: the `eval` subcommand's parser then prints its help or its error."""
-    if not argv or argv[0] != "eval" or "--config" not in argv:
+    """`eval ARGS` / `analyze ARGS` as the `run` arguments they stand for: the recipe inserted
+    before `--config` (torchrun options stay in front of it). None when `argv` is not one of
+    them with a `--config`: the subcommand's parser then prints its help or its error."""
+    if not argv or argv[0] not in RECIPE_ALIASES or "--config" not in argv:
         return None
     rest = list(argv[1:])
     at = rest.index("--config")
     if any(a in ("-h", "--help") for a in rest[:at]):
         return None
-    return ["run", *rest[:at], EVAL_RECIPE, *rest[at:]]
+    return ["run", *rest[:at], RECIPE_ALIASES[argv[0]], *rest[at:]]
 
 
-def _add_eval_subcommand(cli) -> None:
-    parser = add_subcommand(
+def _add_recipe_alias(cli, name: str, **kwargs) -> None:
+    parser = add_subcommand(cli, name, **kwargs)
+    parser.add_argument("recipe_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.set_defaults(func=lambda args: parser.error("the '--config' argument is required."))
+
+
+def _add_run_dir_command(cli, name: str, add_arguments, command, **kwargs) -> None:
+    parser = add_subcommand(cli, name, **kwargs)
+    add_arguments(parser)
+    parser.set_defaults(func=lambda args: sys.exit(command(args)))
+
+
+def _add_subcommands(cli) -> None:
+    from comparative_recipe.analysis import report, training_plots
+
+    _add_recipe_alias(
         cli, "eval", help="Evaluate a checkpoint: the full model and every ablation.",
         usage=EVAL_USAGE, epilog=EVAL_EPILOG,
         description="Evaluate a checkpoint with the config it was trained with "
         "(the comparative_eval recipe; torchrun options run it on several processes).",
     )
-    parser.add_argument("recipe_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    parser.set_defaults(func=lambda args: parser.error("the '--config' argument is required."))
+    _add_recipe_alias(
+        cli, "analyze", help="Ablation curves, per-layer utility and attribution of checkpoints.",
+        usage=ANALYZE_USAGE, epilog=ANALYZE_EPILOG,
+        description="Score checkpoints with hidden units masked and input chunks cropped at "
+        "growing rates, several seeds (the comparative_analyze recipe; torchrun options run "
+        "it on several processes).",
+    )
+    _add_run_dir_command(
+        cli, "plot", training_plots.add_plot_arguments, training_plots.plot_command,
+        help="Training curves of one or more runs from their metric logs.",
+        description="Plot the comparative loss, the per-pass losses, the violation rate, "
+        "validation metrics and throughput of training runs (their output_dir), smoothed.",
+    )
+    _add_run_dir_command(
+        cli, "report", report.add_report_arguments, report.report_command,
+        help="One self-contained HTML report of a run.",
+        description="Write <RUN_DIR>/report.html: the training plots, final metrics, evaluation "
+        "reports, ablation analyses and the run's config, in one file for a browser.",
+    )
 
 
 def main() -> None:
@@ -210,7 +271,7 @@ def main() -> None:
     if run_args is not None:
         sys.argv = [sys.argv[0], *run_args]
     cli = tune_cli_parser("tune-cmp")
-    _add_eval_subcommand(cli)
+    _add_subcommands(cli)
     args = cli.parse_args()
     cli.run(args)
 

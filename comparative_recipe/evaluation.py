@@ -29,8 +29,6 @@ terminal table, and writes the report without ever replacing a file unless ``ove
 import datetime
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -38,6 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from comparative_recipe import checks
+from comparative_recipe.outputs import write_file
 from comparative_recipe.training.adapters import ADAPTER_WEIGHTS_FILE, adapter_files_in
 from comparative_recipe.training.checkpointing import MERGED_DIR, weight_files
 from comparative_recipe.training.trainer import check_config_keys
@@ -108,6 +107,41 @@ def checkpoint_overrides(checkpointer: Any) -> Dict[str, Any]:
         raise FileNotFoundError(f"{e}{hint}") from e
 
 
+def config_section(cfg: DictConfig, name: str, keys: frozenset) -> Any:
+    """The section ``name`` of ``cfg`` (an empty one when absent), its keys checked."""
+    section = cfg.get(name, None)
+    section = {} if section is None else section
+    if not hasattr(section, "keys"):
+        raise ValueError(f"{name} must be a section of keys {sorted(keys)}, got {section!r}")
+    check_config_keys(section, keys, f"the {name} section")
+    return section
+
+
+def with_evaluated_data(cfg: DictConfig, section: Any, name: str) -> DictConfig:
+    """A copy of ``cfg`` whose ``validation`` section holds the data an evaluation scores:
+    ``dataset``, ``batch_size`` and ``generate`` of ``section`` (the ``eval`` or ``analyze``
+    section, called ``name``) where set, else the validation's (batch size: else the run's)."""
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    val = out.get("validation", None)
+    val = OmegaConf.create({}) if val is None else val
+    dataset = section.get("dataset", None)
+    if dataset is None:
+        dataset = val.get("dataset", None)
+    if dataset is None:
+        raise ValueError(f"nothing to evaluate on: set {name}.dataset (or validation.dataset)")
+    batch_size = section.get("batch_size", None)
+    if batch_size is None:
+        batch_size = val.get("batch_size", None)
+    if batch_size is None:
+        batch_size = cfg.get("batch_size", 1)
+    val.dataset = dataset
+    val.batch_size = checks.positive_int(batch_size, f"{name}.batch_size")
+    if section.get("generate", None) is not None:
+        val.generate = section.get("generate")
+    out.validation = val
+    return out
+
+
 def evaluation_config(cfg: DictConfig) -> Tuple[DictConfig, EvalSettings]:
     """The config the method and the trainer read for an evaluation, and the eval settings.
 
@@ -116,34 +150,14 @@ def evaluation_config(cfg: DictConfig) -> Tuple[DictConfig, EvalSettings]:
     ``eval`` section's keys and the output path (an existing file without ``overwrite`` is an
     error), before anything is loaded.
     """
-    section = cfg.get("eval", None)
-    section = {} if section is None else section
-    if not hasattr(section, "keys"):
-        raise ValueError(f"eval must be a section of keys {sorted(EVAL_KEYS)}, got {section!r}")
-    check_config_keys(section, EVAL_KEYS, "the eval section")
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    val = out.get("validation", None)
-    val = OmegaConf.create({}) if val is None else val
-    dataset = section.get("dataset", None)
-    if dataset is None:
-        dataset = val.get("dataset", None)
-    if dataset is None:
-        raise ValueError("nothing to evaluate on: set eval.dataset (or validation.dataset)")
-    batch_size = section.get("batch_size", None)
-    if batch_size is None:
-        batch_size = val.get("batch_size", None)
-    if batch_size is None:
-        batch_size = cfg.get("batch_size", 1)
-    val.dataset = dataset
-    val.batch_size = checks.positive_int(batch_size, "eval.batch_size")
+    section = config_section(cfg, "eval", EVAL_KEYS)
+    out = with_evaluated_data(cfg, section, "eval")
+    val = out.validation
     passes = section.get("passes", None)
     if passes is None and "passes" in _method_validation_keys(cfg):
         passes = "all"  # the ablation curve, where the method has one
     if passes is not None:
         val.passes = passes
-    if section.get("generate", None) is not None:
-        val.generate = section.generate
-    out.validation = val
 
     overwrite = section.get("overwrite", False)
     if not isinstance(overwrite, bool):
@@ -177,13 +191,15 @@ def _method_validation_keys(cfg: DictConfig) -> frozenset:
     return frozenset() if method is None else frozenset(method.validation_keys)
 
 
-def check_output_path(path: Path, overwrite: bool) -> None:
+def check_output_path(path: Path, overwrite: bool, section: str = "eval") -> None:
+    """An output file may be written: not a directory, and absent unless ``overwrite``
+    (``section``: the config section whose ``output_path``/``overwrite`` keys the message names)."""
     if path.is_dir():
-        raise IsADirectoryError(f"eval.output_path {path} is a directory; name a .json file")
+        raise IsADirectoryError(f"{section}.output_path {path} is a directory; name a .json file")
     if path.exists() and not overwrite:
         raise FileExistsError(
-            f"{path} exists: the evaluation never replaces a report unless eval.overwrite=true; "
-            "choose another eval.output_path or set eval.overwrite=true"
+            f"{path} exists: it is never replaced unless {section}.overwrite=true; choose another "
+            f"{section}.output_path or set {section}.overwrite=true"
         )
 
 
@@ -272,33 +288,22 @@ def format_table(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: Path, report: Dict[str, Any], overwrite: bool = False) -> Path:
+def write_report(path: Path, report: Dict[str, Any], overwrite: bool = False,
+                 section: str = "eval") -> Path:
     """Writes ``report`` as JSON to ``path`` in one step: a complete file appears or nothing.
 
-    Without ``overwrite`` an existing file is never replaced (FileExistsError), even one
-    created while the evaluation ran.
+    Without ``overwrite`` an existing file is never replaced (FileExistsError naming
+    ``<section>.overwrite``), even one created while the evaluation ran.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if path exists: no clobbering, no race
-            except FileExistsError:
-                check_output_path(path, overwrite=False)
-                raise
-            except OSError:  # a filesystem without hard links
-                with open(path, "x") as f:
-                    f.write(Path(tmp).read_text())
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    def dump(tmp: Path) -> None:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+
+    message = None
+    if not overwrite:
+        try:
+            check_output_path(Path(path), overwrite=False, section=section)
+        except FileExistsError as e:
+            raise FileExistsError(str(e)) from None
+        message = (f"{path} appeared while this ran: it is never replaced unless "
+                   f"{section}.overwrite=true")
+    return write_file(path, dump, overwrite=overwrite, exists_message=message)

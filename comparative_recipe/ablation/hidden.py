@@ -35,7 +35,7 @@ import functools
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -618,8 +618,11 @@ class HiddenAblationHandle:
             delattr(self._model, _INSTALLED_ATTR)
 
 
-def install_hidden_ablation(model: nn.Module, cfg: HiddenAblationConfig) -> HiddenAblationHandle:
-    """Registers mask hooks at ``cfg.sites`` on every transformer layer of ``model``.
+def install_hidden_ablation(
+    model: nn.Module, cfg: HiddenAblationConfig, layers: Optional[Sequence[int]] = None
+) -> HiddenAblationHandle:
+    """Registers mask hooks at ``cfg.sites`` on every transformer layer of ``model``, or only on
+    the layers whose indices ``layers`` lists (their masks are those of the all-layer ablation).
 
     Layers are numbered in ``neurons.find_layers`` order (the layer index is a mask key). Each
     hooked module gets two non-persistent buffers (its layer key and unit keys; not in the
@@ -632,6 +635,7 @@ def install_hidden_ablation(model: nn.Module, cfg: HiddenAblationConfig) -> Hidd
             activation-checkpoint wrapper that was not made by this module's
             ``set_activation_checkpointing`` (its recompute would use the wrong masks).
     """
+    selected = layers
     if getattr(model, _INSTALLED_ATTR, None) is not None:
         raise ValueError("hidden ablation hooks are already installed on this model")
     foreign = _foreign_wrappers(model)
@@ -642,11 +646,19 @@ def install_hidden_ablation(model: nn.Module, cfg: HiddenAblationConfig) -> Hidd
         raise ValueError(
             "install_hidden_ablation found no transformer layers (modules with .attn and .mlp)"
         )
+    if selected is not None:
+        selected = sorted(set(selected))
+        if not selected or any(not 0 <= i < len(layers) for i in selected):
+            raise ValueError(
+                f"install_hidden_ablation: layers must be indices in [0, {len(layers)}), got "
+                f"{list(selected)}"
+            )
     layouts: Dict[str, List[neurons.SiteLayout]] = {}
     hooks: list = []
     try:
         for site in cfg.sites:
-            lays = [neurons.site_layout(layer, site, i) for i, layer in enumerate(layers)]
+            lays = [neurons.site_layout(layer, site, i) for i, layer in enumerate(layers)
+                    if selected is None or i in selected]
             layouts[site] = lays
             for lay in lays:
                 device = _module_device(lay.module, lay.layer)

@@ -484,6 +484,40 @@ def test_each_site_masks_exactly_its_activation(name, site, granularity):
         assert torch.equal(masked, raw * mask)
 
 
+@pytest.mark.parametrize("site", ["ffn_hidden", "attn_heads"])
+def test_one_layer_gets_exactly_the_all_layer_masks_of_that_layer(site):
+    """``layers=[1]``: layer 1 is masked as the all-layer ablation masks it, layer 0 not."""
+    x, k = tokens(), keys([1, 1])
+    cfg = HiddenAblationConfig(rate=0.4, sites=(site,), seed=7)
+    model = build()
+
+    def forward(layers):
+        seen = []
+        record = lambda lay, a: seen.append((lay.layer_index, a.detach().clone()))  # noqa: E731
+        before = hidden.neurons.register_site_hook(model, site, record)  # runs before the masks
+        handle = install_hidden_ablation(model, cfg, layers=layers)
+        after = hidden.neurons.register_site_hook(model, site, record)  # and after them
+        with torch.no_grad(), hidden_ablation_keys(k):
+            out = model(x)
+        for h in (handle, before, after):
+            h.remove()
+        return out, seen
+
+    all_out, _ = forward(None)
+    one_out, seen = forward([1])
+    with torch.no_grad():
+        assert not torch.allclose(one_out, model(x)) and not torch.allclose(one_out, all_out)
+    (l0a, raw0), (l0b, after0), (l1a, raw1), (l1b, after1) = seen
+    assert (l0a, l0b, l1a, l1b) == (0, 0, 1, 1)
+    assert torch.equal(raw0, after0)  # layer 0 untouched
+    units = model.layers[1].attn.num_heads if site == "attn_heads" else raw1.shape[-2]
+    mask = site_mask(cfg, k, site, 1, units, x.shape[1])
+    assert (mask == 0).any()
+    assert torch.equal(after1, raw1 * mask[..., None])  # the all-layer masks of layer 1
+    with pytest.raises(ValueError, match=r"layers must be indices in \[0, 2\)"):
+        install_hidden_ablation(model, cfg, layers=[2])
+
+
 def test_remove_restores_and_reinstall_is_allowed():
     model, plain = build(), build()
     x = tokens()

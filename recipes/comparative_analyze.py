@@ -18,7 +18,8 @@ import sys
 
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
-from torchtune import config, training, utils
+from torchtune import config
+from tqdm import tqdm
 
 from comparative_recipe.analysis.ablation import (
     AblationProbe,
@@ -35,8 +36,6 @@ from comparative_recipe.metrics.generation import GenerationSettings
 from comparative_recipe.training.distributed import DISTRIBUTED_KEYS, World
 from comparative_recipe.training.trainer import Trainer
 
-log = utils.get_logger("INFO")
-
 
 @record
 @config.parse
@@ -52,23 +51,17 @@ def recipe_main(cfg: DictConfig) -> None:
         settings, build_method(analysis_cfg), task=analysis_cfg.get("task", "sft"),
         generation=GenerationSettings.from_config(analysis_cfg.validation.get("generate", None)),
     )
-    device = utils.get_device(device=cfg.device)
-    if training.is_distributed():  # launched by torchrun
-        world = World.from_torchrun(
-            device, timeout_minutes=cfg.get("distributed_timeout_minutes", None),
-            cpu_offload=cfg.get("fsdp_cpu_offload", False),
-            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
-        )
-    else:
-        world = World.single_device(device)
+    world = World.from_config(cfg)  # torchrun's ranks when launched by torchrun
     entries, samples = [], 0
     for checkpoint, label in zip(settings.checkpoints, settings.labels):
         overrides, adapter = checkpoint_load(analysis_cfg, checkpoint)
         trainer = Trainer(analysis_cfg, probe, world,
                           world_keys=(*DISTRIBUTED_KEYS, "eval", "report"))
         trainer.setup_evaluation(overrides, adapter_dir=adapter)
-        utils.log_rank_zero(log, f"{label}: {len(probe.points)} ablated sub-models per batch")
-        sums = trainer.validation_sums()
+        with tqdm(total=len(trainer.data.val_dataloader), disable=not world.is_rank_zero,
+                  desc=f"{label}: full model + {len(probe.points)} sub-models, batches") as bar:
+            probe.on_batch = bar.update
+            sums = trainer.validation_sums()
         metrics = {f"val_{k}": v for k, v in probe.validation_metrics(sums).items()}
         samples = int(metrics["val_samples"])
         attribution = probe.attribution_scores(sums) if settings.attribution else None

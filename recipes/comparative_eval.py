@@ -20,7 +20,7 @@ import sys
 
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
-from torchtune import config, training, utils
+from torchtune import config
 
 from comparative_recipe.evaluation import evaluation_config, evaluation_report, format_table, write_report
 from comparative_recipe.methods import build_method
@@ -34,16 +34,8 @@ def recipe_main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="comparative_eval", cfg=cfg)
     eval_cfg, settings = evaluation_config(cfg)  # config errors before anything is loaded
     method = build_method(eval_cfg)  # the config's method: (default) comparative
-    device = utils.get_device(device=cfg.device)
-    if training.is_distributed():  # launched by torchrun
-        world = World.from_torchrun(
-            device, timeout_minutes=cfg.get("distributed_timeout_minutes", None),
-            cpu_offload=cfg.get("fsdp_cpu_offload", False),
-            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
-        )
-    else:
-        world = World.single_device(device)
-    trainer = Trainer(eval_cfg, method, world, world_keys=(*DISTRIBUTED_KEYS, "eval"))
+    world = World.from_config(cfg)  # torchrun's ranks when launched by torchrun
+    trainer = Trainer(eval_cfg, method, world, world_keys=(*DISTRIBUTED_KEYS, "eval", "report"))
     trainer.setup_evaluation(settings.checkpoint_overrides, adapter_dir=settings.adapter_dir)
     metrics = trainer.evaluate()
     labels = getattr(method, "pass_labels", lambda: None)

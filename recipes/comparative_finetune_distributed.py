@@ -19,14 +19,19 @@ parameters, gradients and optimizer state in CPU memory), ``fsdp_reshard_after_f
 memory), ``distributed_timeout_minutes`` (how long a collective waits for a dead rank; torch's
 default when unset), ``count_collectives`` (log the collectives and bytes of every optimizer
 step; a dispatch mode, a little slower).
+
+With ``report: true`` the run ends by writing ``<output_dir>/report.html`` (``tune-cmp report``:
+training plots, final metrics, evaluations and analyses, the config); it needs matplotlib and a
+DiskLogger or TensorBoardLogger, checked before training starts.
 """
 
 import sys
 
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
-from torchtune import config, utils
+from torchtune import config
 
+from comparative_recipe.analysis.report import report_at_end, write_run_report
 from comparative_recipe.methods import build_method
 from comparative_recipe.training.costs import CollectiveCounter
 from comparative_recipe.training.distributed import DISTRIBUTED_KEYS, World
@@ -38,18 +43,16 @@ from comparative_recipe.training.trainer import Trainer
 def recipe_main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="comparative_finetune_distributed", cfg=cfg)
     method = build_method(cfg)  # config errors before the process group starts
-    world = World.from_torchrun(
-        utils.get_device(device=cfg.device),
-        timeout_minutes=cfg.get("distributed_timeout_minutes", None),
-        cpu_offload=cfg.get("fsdp_cpu_offload", False),
-        reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
-    )
-    trainer = Trainer(cfg, method, world, world_keys=DISTRIBUTED_KEYS)
+    report = report_at_end(cfg)
+    world = World.from_config(cfg, torchrun=True)
+    trainer = Trainer(cfg, method, world, world_keys=(*DISTRIBUTED_KEYS, "report"))
     if cfg.get("count_collectives", False):
         trainer.collectives = CollectiveCounter()
     trainer.setup()
     trainer.train()
-    trainer.close()
+    trainer.close()  # flushes the metric logs the report reads
+    if report and world.is_rank_zero:
+        print(f"Report written to {write_run_report(cfg.output_dir)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ config keys (``ablation``, ``loss``, ``task``, ``strategy``, ``loss_reduction``,
 ``validation.passes``) are read by ``comparative_recipe.methods.ComparativeMethod``; a key that
 nothing reads is an error, before anything is written. ``method: dropout`` or ``rdrop`` trains
 the baselines of ``comparative_recipe.methods.baselines`` in the same loop instead.
+
+With ``report: true`` the run ends by writing ``<output_dir>/report.html`` (``tune-cmp report``:
+training plots, final metrics, evaluations and analyses, the config); it needs matplotlib and a
+DiskLogger or TensorBoardLogger, checked before training starts.
 """
 
 import os
@@ -26,6 +30,7 @@ import sys
 from omegaconf import DictConfig
 from torchtune import config, utils
 
+from comparative_recipe.analysis.report import report_at_end, write_run_report
 from comparative_recipe.methods import build_method
 from comparative_recipe.training.distributed import DISTRIBUTED_KEYS, World
 from comparative_recipe.training.trainer import Trainer
@@ -53,11 +58,14 @@ def check_single_process(cfg: DictConfig) -> None:
 def recipe_main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="comparative_finetune_single_device", cfg=cfg)
     check_single_process(cfg)
+    report = report_at_end(cfg)
     world = World.single_device(utils.get_device(device=cfg.device))
-    trainer = Trainer(cfg, build_method(cfg), world)
+    trainer = Trainer(cfg, build_method(cfg), world, world_keys=("report",))
     trainer.setup()
     trainer.train()
     trainer.close()
+    if report:
+        print(f"Report written to {write_run_report(cfg.output_dir)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ import datetime
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -309,6 +309,8 @@ class AblationProbe:
         self.settings, self.task_name, self.generation = settings, task, generation
         self.tokenizer: Any = None
         self.points: Optional[List[ProbePoint]] = None
+        # called with 1 after every batch (a progress bar's update), if set
+        self.on_batch: Optional[Callable[[int], Any]] = None
 
     def set_tokenizer(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -392,6 +394,8 @@ class AblationProbe:
             sums["token_f1"] = torch.cat([g["token_f1"] for g in gens])
         if self.settings.attribution is not None:
             sums.update(self._attribution(model, full))
+        if self.on_batch is not None:
+            self.on_batch(1)
         return Sums(sums)
 
     def _attribution(self, model: nn.Module, full) -> Dict[str, torch.Tensor]:

@@ -18,7 +18,6 @@ import base64
 import datetime
 import html
 import json
-import math
 import struct
 import sys
 import tempfile
@@ -28,14 +27,17 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from comparative_recipe.analysis.ablation_plots import ablation_figures, auc_rows, auc_table_cells
 from comparative_recipe.analysis.logs import CONFIG_FILE, RunLog, read_run
 from comparative_recipe.analysis.plotting import REPORT_IMAGE_WIDTH, require_matplotlib
-from comparative_recipe.analysis.training_plots import training_figures, training_summary
+from comparative_recipe.analysis.training_plots import (
+    format_number,
+    training_figures,
+    training_summary,
+)
+from comparative_recipe.evaluation import PASS_METRICS, SUMMARY_METRICS
 from comparative_recipe.outputs import write_file
 
 REPORT_FILE = "report.html"
 EVAL_DIR = "eval"
 ANALYSIS_DIR = "analysis"
-PASS_METRICS = ("loss", "accuracy", "macro_f1", "exact_match", "f1")
-SUMMARY_METRICS = ("cmp_loss", "violation_rate")
 TRAINING_FIGURES = (
     ("losses", "Losses: the objective, the task loss of every pass, the ablation gap"),
     ("violation_rate", "Violation rate: ablated passes whose loss is not above the full model's"),
@@ -85,13 +87,7 @@ def _num(value: Any) -> str:
         return str(value)
     if isinstance(value, int):
         return f"{value:,}" if abs(value) >= 10000 else str(value)
-    if not math.isfinite(value):
-        return str(value)
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    if abs(value) >= 100:
-        return f"{value:.1f}"
-    return f"{value:.4f}"
+    return format_number(value)
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[bool] = (),
@@ -453,6 +449,34 @@ def _exists_message(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------ command
+
+
+# Metric loggers whose files `logs.read_run` reads.
+READABLE_LOGGERS = ("DiskLogger", "TensorBoardLogger")
+
+
+def report_at_end(cfg: Any) -> bool:
+    """The training config's ``report`` key (default false), checked before training starts:
+    true needs matplotlib and a metric logger whose files the report reads (torchtune's
+    DiskLogger or TensorBoardLogger). The recipe then writes ``<output_dir>/report.html`` when
+    the run ends."""
+    report = cfg.get("report", False)
+    if not isinstance(report, bool):
+        raise ValueError(f"report must be true or false, got {report!r}")
+    if not report:
+        return False
+    try:
+        require_matplotlib()
+    except ImportError as e:
+        raise ImportError(f"report: true needs the plots: {e}; or set report: false") from None
+    logger = str((cfg.get("metric_logger", None) or {}).get("_component_", ""))
+    if not logger.endswith(READABLE_LOGGERS):
+        raise ValueError(
+            f"report: true reads the run's metric logs, but metric_logger is {logger or 'unset'}: "
+            "use torchtune.training.metric_logging.DiskLogger (or TensorBoardLogger) with a "
+            "log_dir, or set report: false"
+        )
+    return True
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:

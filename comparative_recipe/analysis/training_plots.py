@@ -372,7 +372,9 @@ def training_summary(runs: Sequence[RunLog], smoothing: float = 0.6) -> List[Dic
     return rows
 
 
-def _num(value: Optional[float]) -> str:
+def format_number(value: Optional[float]) -> str:
+    """A metric value for a table: 4 decimals below 100, 1 below 1000, thousands separators
+    above; "—" for None."""
     if value is None:
         return "—"
     if not math.isfinite(value):
@@ -400,7 +402,7 @@ def format_training_summary(rows: Sequence[Dict[str, Any]]) -> str:
         cells = []
         for r in rows:
             f = r["final"].get(name)
-            cells.append("—" if f is None else f"{_num(f['last'])} (smoothed {_num(f['smoothed'])})")
+            cells.append("—" if f is None else f"{format_number(f['last'])} (smoothed {format_number(f['smoothed'])})")
         lines.append((f"{name} final", cells))
     val_names: List[str] = []
     for r in rows:
@@ -414,15 +416,15 @@ def format_training_summary(rows: Sequence[Dict[str, Any]]) -> str:
                 last.append("—")
                 best.append("—")
                 continue
-            last.append(f"{_num(v['last'])} @ {v['last_step']}")
-            best.append("—" if v["best"] is None else f"{_num(v['best'])} @ {v['best_step']}")
+            last.append(f"{format_number(v['last'])} @ {v['last_step']}")
+            best.append("—" if v["best"] is None else f"{format_number(v['best'])} @ {v['best_step']}")
         goal = next(r["validation"][name]["best_is"] for r in rows if name in r["validation"])
         lines.append((f"{name} last", last))
         lines.append((f"{name} best ({goal})", best))
-    lines.append(("tokens/s (mean)", [_num(r["tokens_per_second_mean"]) for r in rows]))
+    lines.append(("tokens/s (mean)", [format_number(r["tokens_per_second_mean"]) for r in rows]))
     if any(r["pass_tokens_per_second_mean"] is not None for r in rows):
         lines.append(("all-pass tokens/s (mean)",
-                      [_num(r["pass_tokens_per_second_mean"]) for r in rows]))
+                      [format_number(r["pass_tokens_per_second_mean"]) for r in rows]))
     header = ("", [r["label"] for r in rows])
     table = [header] + lines
     name_width = max(len(name) for name, _ in table)

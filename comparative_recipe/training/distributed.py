@@ -6,12 +6,12 @@ clearing, backend strings); everything here works on CPU with gloo as well as on
 
 import os
 from datetime import timedelta
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchtune import training
+from torchtune import training, utils
 from torchtune.modules.peft import get_adapter_state_dict
 
 # Config keys that only a torchrun-launched (FSDP2) run reads.
@@ -127,6 +127,22 @@ class World:
         return cls(
             device, world_size=world_size, rank=rank, sharded=True, cpu_offload=cpu_offload,
             reshard_after_forward=reshard_after_forward,
+        )
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, torchrun: Optional[bool] = None) -> "World":
+        """The world of a recipe config: torchrun's ranks (the config's ``fsdp_cpu_offload``,
+        ``fsdp_reshard_after_forward`` and ``distributed_timeout_minutes``) when ``torchrun``,
+        by default when the process was launched by torchrun; else ``cfg.device`` alone."""
+        device = utils.get_device(device=cfg.device)
+        if torchrun is None:
+            torchrun = training.is_distributed()
+        if not torchrun:
+            return cls.single_device(device)
+        return cls.from_torchrun(
+            device, timeout_minutes=cfg.get("distributed_timeout_minutes", None),
+            cpu_offload=cfg.get("fsdp_cpu_offload", False),
+            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
         )
 
     def model_init_device(self) -> torch.device:

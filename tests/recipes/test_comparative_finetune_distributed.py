@@ -45,10 +45,11 @@ def distributed_config(assets, out, **overrides):
 
 @pytest.fixture(scope="module")
 def two_ranks(assets, tmp_path_factory):
-    """The reference: 2 ranks x batch 4 on one node."""
+    """The reference: 2 ranks x batch 4 on one node; rank 0 writes the HTML report at the end."""
     tmp = tmp_path_factory.mktemp("two_ranks")
-    cfg = distributed_config(assets, tmp / "out")
-    launch_distributed(cfg, tmp, "two_ranks", nproc=2)
+    cfg = distributed_config(assets, tmp / "out", report=True)
+    proc = launch_distributed(cfg, tmp, "two_ranks", nproc=2)
+    assert proc.stdout.count("Report written to") == 1
     return cfg, tmp / "out"
 
 
@@ -73,6 +74,8 @@ def test_two_ranks_log_costs_and_validate_every_sample_once(two_ranks):
     # 41 validation samples split over 2 ranks: counted once each, none repeated
     assert metrics[3]["val_samples"] == metrics[6]["val_samples"] == 41
     assert (out / "best" / WEIGHTS).is_file()
+    page = (out / "report.html").read_text()
+    assert page.count("<img ") >= 4 and f"{metrics[6]['val_loss_0']:.4f}" in page
 
 
 @pytest.mark.parametrize("variant", ["single_device_b8", "one_rank_b8", "two_ranks_b2_accum2"])

@@ -206,6 +206,38 @@ def test_eval_with_an_adapter_equals_eval_of_the_merged_weights(assets, lora_run
     assert a["metrics"]["val_loss_0"] == pytest.approx(logged["val_loss_0"], rel=1e-5)
 
 
+def test_analyze_an_adapter_like_its_merged_weights(assets, lora_run, tmp_path):
+    """`tune-cmp analyze` takes an adapter folder (on the config's base) and a full-weights
+    folder alike: the adapter's curves are those of its merged weights."""
+    cfg, out = lora_run
+    final = out / "checkpoints" / "step_000004"
+    small = ["analyze.seeds=[0]", "analyze.rates=[0.0,0.5]", "analyze.crop_rates=[0.0,0.5]",
+             "analyze.curves=[attn_heads,all,crop]"]
+    path = write(cfg, tmp_path / "lora.yaml")
+    run([sys.executable, "-m", "comparative_recipe.cli", "analyze", "--config", str(path),
+         f"analyze.checkpoints=[{final}]", f"analyze.output_dir={tmp_path / 'a'}", *small],
+        cwd=tmp_path)
+    plain = dict(cfg, model={"_component_": "comparative_recipe.models.tiny.tiny_llama", **MODEL})
+    plain_path = write(plain, tmp_path / "plain.yaml")
+    run([sys.executable, "-m", "comparative_recipe.cli", "analyze", "--config", str(plain_path),
+         f"analyze.checkpoints=[{final / 'merged'}]", f"analyze.output_dir={tmp_path / 'b'}",
+         "analyze.plots=false", *small], cwd=tmp_path)
+    (a,), (b,) = (json.loads((tmp_path / d / "ablation.json").read_text())["checkpoints"]
+                  for d in "ab")
+    assert a["adapter"] == str(final) and b["adapter"] is None
+    assert [c["name"] for c in a["curves"]] == ["attn_heads", "all", "crop"]
+    for ca, cb in zip(a["curves"], b["curves"]):
+        assert ca["metrics"]["loss"]["mean"] == pytest.approx(cb["metrics"]["loss"]["mean"], rel=1e-5)
+        assert ca["metrics"]["loss"]["mean"][1] != ca["metrics"]["loss"]["mean"][0]
+    for site in ("ffn_hidden", "attn_heads"):
+        assert a["layers"]["sites"][site]["loss"]["mean"] == pytest.approx(
+            b["layers"]["sites"][site]["loss"]["mean"], rel=1e-5)
+        # activation x gradient flows through the frozen base into the adapters' outputs
+        assert a["attribution"]["sites"][site]["layer_total"] == pytest.approx(
+            b["attribution"]["sites"][site]["layer_total"], rel=1e-4)
+    assert (tmp_path / "a" / "ablation_curves.png").is_file()
+
+
 def test_two_ranks_train_lora_like_one(assets, tmp_path):
     """FSDP2: 2 ranks x batch 2 with activation checkpointing = 1 rank x batch 4; the sharded
     runs draw the initial adapters from the seed, whatever the number of ranks."""

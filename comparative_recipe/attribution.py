@@ -9,7 +9,7 @@ example (``reduce="sum"``) or takes its maximum (``"max"``), and sums over examp
 units are those of ``comparative_recipe.neurons``: the units the comparative loss masks.
 """
 
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -52,6 +52,7 @@ def site_attributions(
     positions: torch.Tensor,
     sites: Sequence[str] = ("ffn_hidden", "attn_heads"),
     reduce: str = "sum",
+    layers: Optional[Sequence[int]] = None,
 ) -> Dict[str, List[torch.Tensor]]:
     """Attribution scores of every unit of ``sites`` on every layer for one batch.
 
@@ -63,18 +64,23 @@ def site_attributions(
 
     Args:
         tokens: [R, S] input ids. positions: [R, S] bool, the positions that count.
+        layers: the layer indices probed (default all): memory holds the site activations of
+            those layers alone, so a long input is scored a few layers per call.
 
     Returns:
-        ``{site: [float32 [units of layer 0], [units of layer 1], ...]}`` summed over the rows.
+        ``{site: [float32 [units] of each probed layer, in layer order]}`` summed over the rows.
     """
     checks.choice(reduce, REDUCTIONS, "attribution reduce")
     records: Dict[str, Dict[int, tuple]] = {site: {} for site in sites}
+    probed = None if layers is None else frozenset(int(i) for i in layers)
     handles = []
 
     def recorder(site: str):
         def record(lay: neurons.SiteLayout, x: torch.Tensor) -> torch.Tensor:
             # a zero the objective is differentiated against: its gradient is the activation's,
             # and the graph needs no parameter that requires grad
+            if probed is not None and lay.layer_index not in probed:
+                return None
             probe = torch.zeros_like(x, requires_grad=True)
             if torch._C._current_graph_task_id() == -1:  # not a checkpoint recompute
                 if lay.layer_index in records[site]:

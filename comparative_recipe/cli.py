@@ -19,7 +19,8 @@ which is `tune-cmp run [TORCHRUN-OPTIONS] comparative_eval --config <config> [RE
     tune-cmp analyze [TORCHRUN-OPTIONS] --config <config> [RECIPE-OPTIONS]
 
 (the `comparative_analyze` recipe: ablation curves, per-layer utility and attribution of
-checkpoints), and two commands on a run's output directory, which need no config:
+checkpoints), `tune-cmp prune [TORCHRUN-OPTIONS] --config ...` (the `comparative_prune` recipe:
+training-free pruning by attribution, with its baselines), and two commands on a run's output directory, which need no config:
 
     tune-cmp plot RUN_DIR [RUN_DIR ...]    # training curves from the metric logs (PNG + JSON)
     tune-cmp report RUN_DIR                # one self-contained HTML report of the run
@@ -37,7 +38,7 @@ What is registered.
 - Recipes: every `*.py` file directly in the installed package `comparative_recipe.recipes`
   (the repository's top-level `recipes/`) whose name does not start with `_`. The recipe's name
   is the file stem. A recipe supports distributed runs (torchrun flags) if its name ends in
-  `_distributed`, `_eval` or `_analyze` (an evaluation recipe runs on one device, or on
+  `_distributed`, `_eval`, `_analyze` or `_prune` (an evaluation recipe runs on one device, or on
   torchrun's ranks when launched with torchrun flags).
 - Configs: every `*.yaml` file under the installed package `comparative_recipe.configs` (the
   repository's top-level `configs/`). The config's name is its path relative to that folder,
@@ -49,8 +50,8 @@ What is registered.
     * a name ending in `_distributed` belongs to every recipe whose name ends in
       `_distributed`;
     * any other config (for example `demo/tiny_needle_qa`) belongs to every recipe;
-    * every config belongs to a recipe whose name ends in `_eval` or `_analyze`: a model is
-      evaluated with the config it was trained with.
+    * every config belongs to a recipe whose name ends in `_eval`, `_analyze` or `_prune`: a
+      model is evaluated (or pruned) with the config it was trained with.
   A `_single_device` or `_distributed` config with no matching recipe is not registered.
 
 Names must not repeat torchtune's own recipe or config names; `all_recipes` raises if they do.
@@ -77,11 +78,12 @@ CONFIGS_PACKAGE = "comparative_recipe.configs"
 # Config and recipe name endings that tie a config to a kind of recipe.
 _KIND_SUFFIXES = ("_single_device", "_distributed")
 # Recipe name endings of evaluation recipes: every config, with or without torchrun.
-_EVAL_SUFFIXES = ("_eval", "_analyze")
+_EVAL_SUFFIXES = ("_eval", "_analyze", "_prune")
 # The recipes `tune-cmp eval` and `tune-cmp analyze` run.
 EVAL_RECIPE = "comparative_eval"
 ANALYZE_RECIPE = "comparative_analyze"
-RECIPE_ALIASES = {"eval": EVAL_RECIPE, "analyze": ANALYZE_RECIPE}
+PRUNE_RECIPE = "comparative_prune"
+RECIPE_ALIASES = {"eval": EVAL_RECIPE, "analyze": ANALYZE_RECIPE, "prune": PRUNE_RECIPE}
 
 
 def _package_dir(package: str) -> Optional[Path]:
@@ -209,8 +211,34 @@ alone). Every analyze.* key is described in comparative_recipe.analysis.ablation
 """
 
 
+PRUNE_USAGE = "tune-cmp prune [TORCHRUN-OPTIONS] --config <config> [RECIPE-OPTIONS]"
+PRUNE_EPILOG = """\
+examples:
+
+    # remove a quarter of the FFN units of the demo's best checkpoint by attribution
+    $ tune-cmp prune --config demo/tiny_needle_qa \\
+        checkpointer.checkpoint_dir=/tmp/comparative_recipe/demo_tiny_needle_qa/best \\
+        prune.sparsity=0.25 'prune.sites=[ffn_hidden]'
+
+    # unsupervised (the model's own greedy answers), 16 examples, FFN units and heads
+    $ tune-cmp prune --config demo/tiny_needle_qa \\
+        checkpointer.checkpoint_dir=/tmp/comparative_recipe/demo_tiny_needle_qa/best \\
+        prune.data=unsupervised prune.num_examples=16 \\
+        'prune.sparsity={ffn_hidden: 0.3, attn_heads: 0.5}' prune.output_dir=/tmp/pruned
+
+    # evaluate the pruned model
+    $ tune-cmp eval --config /tmp/pruned/torchtune_config.yaml
+
+It runs `tune-cmp run [TORCHRUN-OPTIONS] comparative_prune --config ...` and writes
+prune.output_dir (default <output_dir>/pruned; never replaced unless prune.overwrite=true): the
+smaller model (HF format for prune.ranking=uniform), torchtune_config.yaml and pruning.json.
+prune.method: attribution | wanda | magnitude | random; every prune.* key is described in
+comparative_recipe.pruning.settings.
+"""
+
+
 def eval_as_run(argv: Sequence[str]) -> Optional[List[str]]:
-    """`eval ARGS` / `analyze ARGS` as the `run` arguments they stand for: the recipe inserted
+    """`eval ARGS` / `analyze ARGS` / `prune ARGS` as the `run` arguments they stand for: the recipe inserted
     before `--config` (torchrun options stay in front of it). None when `argv` is not one of
     them with a `--config`: the subcommand's parser then prints its help or its error."""
     if not argv or argv[0] not in RECIPE_ALIASES or "--config" not in argv:
@@ -249,6 +277,13 @@ def _add_subcommands(cli) -> None:
         description="Score checkpoints with hidden units masked and input chunks cropped at "
         "growing rates, several seeds (the comparative_analyze recipe; torchrun options run "
         "it on several processes).",
+    )
+    _add_recipe_alias(
+        cli, "prune", help="Training-free pruning of a checkpoint by neuron attribution.",
+        usage=PRUNE_USAGE, epilog=PRUNE_EPILOG,
+        description="Score every FFN unit and attention head on the task's data, remove the "
+        "lowest-scoring ones and write the smaller model (the comparative_prune recipe; "
+        "torchrun options run it on several processes).",
     )
     _add_run_dir_command(
         cli, "plot", training_plots.add_plot_arguments, training_plots.plot_command,

@@ -144,13 +144,20 @@ class CheckpointManager:
         _fix_weight_permissions(written)
         if training.ADAPTER_KEY in checkpoint and training.MODEL_KEY in checkpoint:
             _move_merged_weights(written)
-        for name, content in (files or {}).items():
-            (written / name).write_text(json.dumps(content, indent=2))
+        for name, content in (files or {}).items():  # text as it is, anything else as JSON
+            text = content if isinstance(content, str) else json.dumps(content, indent=2) + "\n"
+            (written / name).write_text(text)
         if recipe_state is not None:
             torch.save(recipe_state, written / RECIPE_STATE_FILE)
         dst.parent.mkdir(parents=True, exist_ok=True)
         _replace_dir(written, dst)
         return dst
+
+    def save_model(self, dst: Path, checkpoint: Dict[str, Any],
+                   files: Optional[Dict[str, Any]] = None) -> Path:
+        """Writes the weights (and ``files``: ``{name: JSON content or text}``) as a complete
+        folder at ``dst``, atomically, replacing one that is there."""
+        return self._write(Path(dst), checkpoint, None, files)
 
     def save(self, step: int, checkpoint: Dict[str, Any], recipe_state: Dict,
              files: Optional[Dict[str, Dict]] = None) -> Path:

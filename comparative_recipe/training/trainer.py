@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from comparative_recipe.ablation.hidden import set_activation_checkpointing
 from comparative_recipe.data.collate import collate_padding_idx
+from comparative_recipe.data.subset import ExampleSubset
 from comparative_recipe.data.tokenizer_utils import validate_vocab
 from comparative_recipe.training.adapters import LoRAAdapters
 from comparative_recipe.training.checkpointing import (
@@ -114,6 +115,17 @@ def check_config_keys(cfg: Mapping, allowed: Iterable[str], where: str = "the co
     raise ValueError(
         f"{where} has keys this recipe does not read: {', '.join(hints)}. Remove them or fix "
         f"their names; the keys it reads are {allowed}"
+    )
+
+
+def mismatch_message(cfg: DictConfig, error: Exception) -> str:
+    """The error of a checkpoint whose weights do not fit the configured model."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()][1:6]
+    return (
+        f"the checkpoint in {cfg.checkpointer.get('checkpoint_dir')} does not match the model "
+        f"config ({cfg.model.get('_component_')}): {'; '.join(lines)}. Use the config the "
+        "checkpoint was written with (a pruned model: the torchtune_config.yaml beside it), or "
+        "fix model.* to the checkpoint's sizes (its config.json)"
     )
 
 
@@ -275,13 +287,15 @@ class Trainer:
         world.barrier()
 
     def setup_evaluation(self, checkpoint_overrides: Optional[Mapping[str, Any]] = None,
-                         adapter_dir: Optional[str] = None) -> None:
+                         adapter_dir: Optional[str] = None, num_examples: Optional[int] = None,
+                         subset_seed: int = 0) -> None:
         """Readies ``evaluate()``: the checkpointer's weights (``checkpoint_overrides`` replace
         its config keys, e.g. ``checkpoint_files``), a LoRA model's adapter from ``adapter_dir``
         (without one: the adapters' initialisation, which leaves the base model's outputs
         unchanged), the tokenizer, the ``validation`` data and the model, prepared by the
         method. No training data, optimizer, metric logger or checkpoint manager: nothing is
-        written under ``output_dir``."""
+        written under ``output_dir``. ``num_examples``: only that many validation samples, a
+        subset drawn by ``subset_seed``."""
         if adapter_dir is not None and self.adapters is None:
             raise ValueError(
                 f"an adapter ({adapter_dir}) was given but {self.cfg.model._component_} is not a "
@@ -297,6 +311,8 @@ class Trainer:
         tokenizer = config.instantiate(cfg.tokenizer)
         pad_id = collate_padding_idx(tokenizer)
         dataset = config.instantiate(val.dataset, tokenizer)
+        if num_examples is not None:
+            dataset = ExampleSubset(dataset, num_examples, subset_seed)
         loader = build_eval_dataloader(
             dataset, batch_size=val.get("batch_size", cfg.get("batch_size", 1)), pad_id=pad_id,
             rank=world.rank, world_size=world.world_size,
@@ -351,6 +367,10 @@ class Trainer:
             )
         try:
             world.load_model(model, state_dict, self.dtype)
+        except RuntimeError as e:
+            if "state_dict" not in str(e) and "size mismatch" not in str(e):
+                raise
+            raise ValueError(mismatch_message(cfg, e)) from None
         except AssertionError as e:  # torchao's NF4 split into FSDP2 shards
             if not (self.qlora and world.sharded):
                 raise

@@ -53,6 +53,13 @@ def recipe_main(cfg: DictConfig) -> None:
             scorer.on_batch = bar.update
             sums = trainer.validation_sums()
         data, samples = scorer.data_sums(sums), int(sums["samples"])
+        if samples == 0:
+            raise ValueError(
+                f"no sample of the scored data has an answer ({len(trainer.data.dataset)} "
+                "samples, none with a labelled token): the answers are missing or truncated "
+                "away by tokenizer.max_seq_len. Give data with answers (prune.dataset), a "
+                "longer tokenizer.max_seq_len, or prune.method=magnitude / random"
+            )
         del trainer
     if world.is_rank_zero:
         # training-free: the weights are the checkpoint's; the pruned copy is cut on the CPU

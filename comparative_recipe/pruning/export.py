@@ -78,7 +78,7 @@ def pruned_config(cfg: DictConfig, sizes: Dict[str, list], checkpointer: Dict[st
     }
     data["checkpointer"] = checkpointer
     header = ("# The pruned model written by tune-cmp prune: evaluate it with\n"
-              f"#   tune-cmp eval --config <this file>\n")
+              "#   tune-cmp eval --config <this file>\n")
     return header + OmegaConf.to_yaml(OmegaConf.create(data))
 
 

@@ -1,0 +1,275 @@
+"""The pruning table: task metric, parameters and measured inference time of pruned models.
+
+Not a test and not run in CI. Every row is ``tune-cmp prune`` then ``tune-cmp eval`` of the
+written ``torchtune_config.yaml`` (the full model only), at FFN sparsities 10-50% (heads at the
+largest sparsity <= it that the grouped-query layout allows), for attribution in the three data
+settings and the three baselines:
+
+    # the demo task: a plainly and a comparatively fine-tuned model from the same start
+    python benchmarks/pruning_table.py demo --run plain=/tmp/demo_plain \\
+        --run comparative=/tmp/demo_cmp --out /tmp/prune_demo
+    # SmolLM2-135M-Instruct on Rotten Tomatoes (after smollm2_rotten_tomatoes.py prepare DIR)
+    python benchmarks/pruning_table.py smollm2 --data /tmp/smollm2_rt --out /tmp/prune_rt
+    python benchmarks/pruning_table.py table       # the README's tables again
+    python benchmarks/pruning_table.py reduce --run comparative=/tmp/demo_cmp --out /tmp/pr
+
+``reduce`` measures attribution's sum vs max over positions (and all vs answer positions).
+Inference time: the median of 5 timed forwards of one fixed batch (after 2 warm-up ones), in
+this process, on the CPU with the threads torch has. Figures go to
+``benchmarks/results/pruning.json``.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+RESULTS = Path(__file__).resolve().parent / "results" / "pruning.json"
+SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5)
+# label -> prune section: attribution in the three data settings, then the baselines
+METHODS = {
+    "attribution (supervised)": {"method": "attribution"},
+    "attribution (16 examples)": {"method": "attribution", "num_examples": 16},
+    "attribution (unsupervised)": {"method": "attribution", "data": "unsupervised"},
+    "wanda": {"method": "wanda"},
+    "magnitude": {"method": "magnitude"},
+    "random": {"method": "random"},
+}
+DATA_METHODS = ("attribution", "wanda")
+
+
+def _tune_cmp() -> str:
+    beside = Path(sys.executable).parent / "tune-cmp"
+    return str(beside) if beside.exists() else "tune-cmp"
+
+
+def _env() -> Dict[str, str]:
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+
+def head_sparsity(s: float, heads: int, kv: int) -> float:
+    """The largest head sparsity <= s that keeps the grouped-query layout (0: none)."""
+    step = 1 if heads == kv else kv
+    return max([k / heads for k in range(0, heads, step) if k / heads <= s + 1e-9])
+
+
+def _run(cmd: List[str]) -> None:
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, env=_env(), stdout=subprocess.DEVNULL)
+
+
+def inference_ms(config_path: Path, batch: int, seq: int) -> float:
+    """Median ms of a forward of [batch, seq] random tokens of the model ``config_path``
+    describes, its weights loaded by its checkpointer."""
+    import torch
+    from omegaconf import OmegaConf
+    from torchtune import config, training
+
+    from comparative_recipe.evaluation import checkpoint_overrides
+    from comparative_recipe.training.checkpointing import instantiate_checkpointer
+
+    cfg = OmegaConf.load(config_path)
+    model = config.instantiate(cfg.model)
+    ckpt = instantiate_checkpointer(cfg.checkpointer, **checkpoint_overrides(cfg.checkpointer))
+    model.load_state_dict(ckpt.load_checkpoint()[training.MODEL_KEY])
+    model.eval()
+    tokens = torch.randint(0, model.tok_embeddings.num_embeddings, (batch, seq),
+                           generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad():
+        for i in range(7):
+            t0 = time.perf_counter()
+            model(tokens)
+            if i >= 2:
+                times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def _eval(config_path: Path, report: Path, extra: List[str]) -> Dict:
+    if report.exists():
+        report.unlink()
+    _run([_tune_cmp(), "eval", "--config", str(config_path), "eval.passes=full",
+          f"eval.output_path={report}", *extra])
+    return json.loads(report.read_text())["passes"][0]
+
+
+def _params(config_path: Path) -> int:
+    import torch
+    from omegaconf import OmegaConf
+    from torchtune import config
+
+    with torch.device("meta"):
+        model = config.instantiate(OmegaConf.load(config_path).model)
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _write_config(cfg, path: Path) -> Path:
+    from omegaconf import OmegaConf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(cfg), path)
+    return path
+
+
+def rows_for(label: str, cfg: Dict, data_keys: Dict, out: Path, heads: int, kv: int,
+             sparsities, eval_extra: List[str], timing) -> List[Dict]:
+    """Prunes the model of ``cfg`` (a plain dict config: the trained model's) with every
+    method at every sparsity and evaluates each; ``data_keys``: the prune keys of the data
+    methods (dataset, batch size, examples)."""
+    base_config = _write_config(cfg, out / "configs" / f"{label}.yaml")
+    full = _eval(base_config, out / f"{label}_full.json", eval_extra)
+    rows = [{"model": label, "method": "unpruned", "sparsity": 0.0, "head_sparsity": 0.0,
+             "parameters": _params(base_config), "ms": inference_ms(base_config, *timing),
+             **{k: full[k] for k in full if k not in ("pass", "ablation")}}]
+    print(rows[-1], flush=True)
+    for name, section in METHODS.items():
+        for s in sparsities:
+            h = head_sparsity(s, heads, kv)
+            tag = "".join(c if c.isalnum() else "_" for c in f"{label}_{name}_{s}")
+            pruned = out / tag
+            prune = {**(data_keys if section["method"] in DATA_METHODS else {}), **section,
+                     "sparsity": {"ffn_hidden": s, "attn_heads": h},
+                     "output_dir": str(pruned), "overwrite": True}
+            path = _write_config({**cfg, "prune": prune}, out / "configs" / f"{tag}.yaml")
+            start = time.perf_counter()
+            _run([_tune_cmp(), "prune", "--config", str(path)])
+            seconds = time.perf_counter() - start
+            config_path = pruned / "torchtune_config.yaml"
+            result = _eval(config_path, out / f"{tag}.json", eval_extra)
+            report = json.loads((pruned / "pruning.json").read_text())
+            rows.append({
+                "model": label, "method": name, "sparsity": s, "head_sparsity": round(h, 4),
+                "parameters": report["parameters"]["after"], "prune_seconds": round(seconds, 1),
+                "ms": inference_ms(config_path, *timing),
+                **{k: result[k] for k in result if k not in ("pass", "ablation")},
+            })
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _config(name: str, overrides: Dict) -> Dict:
+    """The shipped config ``name`` as a dict, with ``overrides`` (dotted keys) applied."""
+    from omegaconf import OmegaConf
+
+    from comparative_recipe.cli import all_recipes
+
+    path = next(c.file_path for r in all_recipes() for c in r.configs if c.name == name)
+    cfg = OmegaConf.load(path)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _save(key: str, value) -> None:
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[key] = value
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _runs(values: List[str]) -> Dict[str, Path]:
+    return {v.split("=", 1)[0]: Path(v.split("=", 1)[1]) for v in values}
+
+
+DEMO_EVAL = ["eval.generate.max_new_tokens=8"]
+
+
+def _demo_config(run: Path) -> Dict:
+    return _config("demo/tiny_needle_qa", {"output_dir": str(run),
+                                           "checkpointer.checkpoint_dir": str(run / "best")})
+
+
+def demo(args) -> None:
+    rows = []
+    for label, run in _runs(args.run).items():
+        rows += rows_for(label, _demo_config(run), {"batch_size": 32}, args.out, 4, 2,
+                         SPARSITIES, DEMO_EVAL, (16, 256))
+    _save("demo", rows)
+    print_table(rows)
+
+
+def smollm2(args) -> None:
+    data, model = args.data / "rotten_tomatoes", args.data / "SmolLM2-135M-Instruct"
+    cfg = _config("smollm2/135M_comparative_classification_single_device", {
+        "output_dir": str(args.out), "checkpointer.checkpoint_dir": str(model),
+        "tokenizer.path": str(model / "tokenizer.json"),
+        "dataset.data_files": str(data / "train.csv"),
+        "validation.dataset.data_files": str(data / "dev.csv"), "device": "cpu", "dtype": "fp32",
+    })
+    # scored on 256 training reviews (16 for the low-resource rows), evaluated on the dev split
+    train = dict(cfg["validation"]["dataset"], data_files=str(data / "train.csv"))
+    rows = rows_for("SmolLM2-135M-Instruct", cfg,
+                    {"dataset": train, "batch_size": 16, "num_examples": 256}, args.out, 9, 3,
+                    args.sparsities, [], (8, 128))
+    _save("smollm2_rotten_tomatoes", rows)
+    print_table(rows)
+
+
+def reduce_grid(args) -> None:
+    rows = []
+    for label, run in _runs(args.run).items():
+        cfg = _demo_config(run)
+        for reduce in ("sum", "max"):
+            for positions in ("all", "answer"):
+                for s in (0.3, 0.5):
+                    pruned = args.out / f"{label}_{reduce}_{positions}_{s}"
+                    prune = {"reduce": reduce, "positions": positions, "batch_size": 32,
+                             "sparsity": {"ffn_hidden": s, "attn_heads": head_sparsity(s, 4, 2)},
+                             "output_dir": str(pruned), "overwrite": True}
+                    path = _write_config({**cfg, "prune": prune},
+                                         args.out / "configs" / f"{pruned.name}.yaml")
+                    _run([_tune_cmp(), "prune", "--config", str(path)])
+                    result = _eval(pruned / "torchtune_config.yaml",
+                                   args.out / f"{pruned.name}.json", DEMO_EVAL)
+                    rows.append({"model": label, "reduce": reduce, "positions": positions,
+                                 "sparsity": s, "loss": result["loss"],
+                                 "exact_match": result.get("exact_match")})
+                    print(rows[-1], flush=True)
+    _save("demo_reduce", rows)
+
+
+def print_table(rows: List[Dict]) -> None:
+    metric = "accuracy" if any("accuracy" in r for r in rows) else "exact_match"
+    print(f"| model | method | FFN / head sparsity | parameters | {metric} | loss | forward ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        sp = "-" if r["method"] == "unpruned" else f"{r['sparsity']:.1f} / {r['head_sparsity']:.2f}"
+        print(f"| {r['model']} | {r['method']} | {sp} | {r['parameters']:,} | "
+              f"{r.get(metric, float('nan')):.3f} | {r['loss']:.3f} | {r['ms']:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo")
+    d.add_argument("--run", action="append", required=True, help="LABEL=RUN_DIR (has best/)")
+    d.add_argument("--out", type=Path, required=True)
+    s = sub.add_parser("smollm2")
+    s.add_argument("--data", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.3, 0.5])
+    r = sub.add_parser("reduce")
+    r.add_argument("--run", action="append", required=True)
+    r.add_argument("--out", type=Path, required=True)
+    sub.add_parser("table")
+    args = parser.parse_args()
+    if args.command == "demo":
+        demo(args)
+    elif args.command == "smollm2":
+        smollm2(args)
+    elif args.command == "reduce":
+        reduce_grid(args)
+    else:
+        results = json.loads(RESULTS.read_text())
+        for key in ("demo", "smollm2_rotten_tomatoes"):
+            if key in results:
+                print_table(results[key])
+
+
+if __name__ == "__main__":
+    main()

@@ -10,10 +10,12 @@ settings and the three baselines:
         --run comparative=/tmp/demo_cmp --out /tmp/prune_demo
     # SmolLM2-135M-Instruct on Rotten Tomatoes (after smollm2_rotten_tomatoes.py prepare DIR)
     python benchmarks/pruning_table.py smollm2 --data /tmp/smollm2_rt --out /tmp/prune_rt
+    python benchmarks/pruning_table.py reduce --data /tmp/smollm2_rt --out /tmp/prune_rt
     python benchmarks/pruning_table.py table       # the README's tables again
-    python benchmarks/pruning_table.py reduce --run comparative=/tmp/demo_cmp --out /tmp/pr
 
-``reduce`` measures attribution's sum vs max over positions (and all vs answer positions).
+``reduce`` measures attribution's sum vs max over positions (and all vs answer positions) on
+SmolLM2. The SmolLM2 rows score 64 training reviews (16 for the low-resource ones) and evaluate
+on the first 128 dev reviews (``--examples``, ``--dev-size``).
 Inference time: the median of 5 timed forwards of one fixed batch (after 2 warm-up ones), in
 this process, on the CPU with the threads torch has. Figures go to
 ``benchmarks/results/pruning.json``.
@@ -187,50 +189,64 @@ def _demo_config(run: Path) -> Dict:
 def demo(args) -> None:
     rows = []
     for label, run in _runs(args.run).items():
-        rows += rows_for(label, _demo_config(run), {"batch_size": 32}, args.out, 4, 2,
+        # scored on 256 training samples (16 for the low-resource rows)
+        rows += rows_for(label, _demo_config(run), {"batch_size": 32, "num_examples": 256},
+                         args.out, 4, 2,
                          SPARSITIES, DEMO_EVAL, (16, 256))
     _save("demo", rows)
     print_table(rows)
 
 
-def smollm2(args) -> None:
+def _smollm2_setup(args):
+    """The SmolLM2 config (scored on training reviews, evaluated on the first ``--dev-size``
+    dev reviews) and the prune keys of the data methods."""
+    import csv
+
     data, model = args.data / "rotten_tomatoes", args.data / "SmolLM2-135M-Instruct"
+    args.out.mkdir(parents=True, exist_ok=True)
+    dev = args.out / f"dev_{args.dev_size}.csv"
+    with open(data / "dev.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[: args.dev_size]
+    with open(dev, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     cfg = _config("smollm2/135M_comparative_classification_single_device", {
         "output_dir": str(args.out), "checkpointer.checkpoint_dir": str(model),
         "tokenizer.path": str(model / "tokenizer.json"),
         "dataset.data_files": str(data / "train.csv"),
-        "validation.dataset.data_files": str(data / "dev.csv"), "device": "cpu", "dtype": "fp32",
+        "validation.dataset.data_files": str(dev), "device": "cpu", "dtype": "fp32",
     })
-    # scored on 256 training reviews (16 for the low-resource rows), evaluated on the dev split
     train = dict(cfg["validation"]["dataset"], data_files=str(data / "train.csv"))
-    rows = rows_for("SmolLM2-135M-Instruct", cfg,
-                    {"dataset": train, "batch_size": 16, "num_examples": 256}, args.out, 9, 3,
-                    args.sparsities, [], (8, 128))
+    return cfg, {"dataset": train, "batch_size": 16, "num_examples": args.examples}
+
+
+def smollm2(args) -> None:
+    cfg, data_keys = _smollm2_setup(args)
+    rows = rows_for("SmolLM2-135M-Instruct", cfg, data_keys, args.out, 9, 3, args.sparsities,
+                    [], (8, 128))
     _save("smollm2_rotten_tomatoes", rows)
     print_table(rows)
 
 
 def reduce_grid(args) -> None:
+    """Attribution's sum vs max over positions (all positions; with answer positions a
+    classification sample has one, where sum = max), at two sparsities, on SmolLM2."""
+    cfg, data_keys = _smollm2_setup(args)
     rows = []
-    for label, run in _runs(args.run).items():
-        cfg = _demo_config(run)
-        for reduce in ("sum", "max"):
-            for positions in ("all", "answer"):
-                for s in (0.3, 0.5):
-                    pruned = args.out / f"{label}_{reduce}_{positions}_{s}"
-                    prune = {"reduce": reduce, "positions": positions, "batch_size": 32,
-                             "sparsity": {"ffn_hidden": s, "attn_heads": head_sparsity(s, 4, 2)},
-                             "output_dir": str(pruned), "overwrite": True}
-                    path = _write_config({**cfg, "prune": prune},
-                                         args.out / "configs" / f"{pruned.name}.yaml")
-                    _run([_tune_cmp(), "prune", "--config", str(path)])
-                    result = _eval(pruned / "torchtune_config.yaml",
-                                   args.out / f"{pruned.name}.json", DEMO_EVAL)
-                    rows.append({"model": label, "reduce": reduce, "positions": positions,
-                                 "sparsity": s, "loss": result["loss"],
-                                 "exact_match": result.get("exact_match")})
-                    print(rows[-1], flush=True)
-    _save("demo_reduce", rows)
+    for reduce, positions in (("sum", "all"), ("max", "all"), ("sum", "answer")):
+        for s in args.sparsities:
+            pruned = args.out / f"reduce_{reduce}_{positions}_{s}"
+            prune = {**data_keys, "reduce": reduce, "positions": positions,
+                     "sparsity": {"ffn_hidden": s, "attn_heads": head_sparsity(s, 9, 3)},
+                     "output_dir": str(pruned), "overwrite": True}
+            path = _write_config({**cfg, "prune": prune}, args.out / "configs" / f"{pruned.name}.yaml")
+            _run([_tune_cmp(), "prune", "--config", str(path)])
+            result = _eval(pruned / "torchtune_config.yaml", args.out / f"{pruned.name}.json", [])
+            rows.append({"reduce": reduce, "positions": positions, "sparsity": s,
+                         "loss": result["loss"], "accuracy": result.get("accuracy")})
+            print(rows[-1], flush=True)
+    _save("smollm2_reduce", rows)
 
 
 def print_table(rows: List[Dict]) -> None:
@@ -249,13 +265,13 @@ def main() -> None:
     d = sub.add_parser("demo")
     d.add_argument("--run", action="append", required=True, help="LABEL=RUN_DIR (has best/)")
     d.add_argument("--out", type=Path, required=True)
-    s = sub.add_parser("smollm2")
-    s.add_argument("--data", type=Path, required=True)
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.3, 0.5])
-    r = sub.add_parser("reduce")
-    r.add_argument("--run", action="append", required=True)
-    r.add_argument("--out", type=Path, required=True)
+    for name, default in (("smollm2", [0.1, 0.3, 0.5]), ("reduce", [0.3, 0.5])):
+        s = sub.add_parser(name)
+        s.add_argument("--data", type=Path, required=True, help="smollm2_rotten_tomatoes.py's DIR")
+        s.add_argument("--out", type=Path, required=True)
+        s.add_argument("--sparsities", type=float, nargs="+", default=default)
+        s.add_argument("--dev-size", type=int, default=128)
+        s.add_argument("--examples", type=int, default=64, help="scored training reviews")
     sub.add_parser("table")
     args = parser.parse_args()
     if args.command == "demo":

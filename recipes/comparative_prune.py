@@ -92,8 +92,10 @@ def recipe_main(cfg: DictConfig) -> None:
         path = write_pruned(model, cfg=cfg, settings=settings, checkpointer=checkpointer,
                             report=report)
         for site, entry in report["sites"].items():
-            print(f"{site}: kept {entry['kept']} of {entry['units']} per layer "
-                  f"(sparsity {entry['achieved_sparsity']:.3f})", flush=True)
+            kept, total = entry["kept"], entry["units"]
+            sizes = (f"{kept[0]} of {total[0]} in every layer" if len(set(kept)) == 1
+                     and len(set(total)) == 1 else f"{kept} of {total} per layer")
+            print(f"{site}: kept {sizes} (sparsity {entry['achieved_sparsity']:.3f})", flush=True)
         print(f"parameters: {before:,} -> {after:,} "
               f"({100 * report['parameters']['removed_fraction']:.1f}% removed)", flush=True)
         print(f"Pruned model written to {path}; evaluate it with\n"

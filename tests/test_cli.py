@@ -410,8 +410,9 @@ def test_an_eval_recipe_takes_every_config_and_torchrun(tmp_path):
     assert [c.name for c in found["cmp_single_device"].configs] == ["demo/tiny", "fam/1B_single_device"]
 
 
-def test_installed_eval_recipe_is_registered():
-    (recipe,) = [r for r in cli.plugin_recipes() if r.name == cli.EVAL_RECIPE]
+@pytest.mark.parametrize("name", [cli.EVAL_RECIPE, cli.ANALYZE_RECIPE, cli.PRUNE_RECIPE])
+def test_installed_eval_recipe_is_registered(name):
+    (recipe,) = [r for r in cli.plugin_recipes() if r.name == name]
     assert recipe.supports_distributed
     if DEMO_CONFIG_FILE.is_file():
         assert DEMO_CONFIG in [c.name for c in recipe.configs]
@@ -421,6 +422,8 @@ def test_installed_eval_recipe_is_registered():
     (["eval", "--config", "c", "k=v"], ["run", "comparative_eval", "--config", "c", "k=v"]),
     (["eval", "--nproc_per_node", "2", "--config", "c"],
      ["run", "--nproc_per_node", "2", "comparative_eval", "--config", "c"]),
+    (["prune", "--nproc_per_node", "2", "--config", "c", "prune.sparsity=0.3"],
+     ["run", "--nproc_per_node", "2", "comparative_prune", "--config", "c", "prune.sparsity=0.3"]),
     (["eval", "k=v"], None),                 # no --config: the eval parser reports it
     (["eval", "--help", "--config", "c"], None),
     (["run", "x", "--config", "c"], None),

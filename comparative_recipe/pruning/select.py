@@ -16,7 +16,7 @@ ranking rounds each layer's count down to one. Ties are broken by unit index (th
 first), so a selection is deterministic.
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -138,9 +138,3 @@ def select_units(
 def achieved_sparsity(kept: Sequence[torch.Tensor], units: Sequence[int]) -> float:
     """The fraction of a site's units removed over all layers."""
     return 1.0 - sum(k.numel() for k in kept) / sum(units)
-
-
-def per_layer_removed(kept: Sequence[torch.Tensor], units: Sequence[int]) -> Dict[str, list]:
-    """Per layer: units kept and removed (for the report)."""
-    return {"kept": [int(k.numel()) for k in kept],
-            "removed": [int(n - k.numel()) for k, n in zip(kept, units)]}

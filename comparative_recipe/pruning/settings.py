@@ -17,7 +17,8 @@ section (every key optional)::
                                # {ffn_hidden: 0.3, attn_heads: 0.5}
       ranking: uniform         # uniform: the same count in every layer (a standard HF model)
                                # global: over all layers (per-layer sizes; torchtune format)
-      dataset: {...}           # default: validation.dataset
+      dataset: {...}           # default: the training dataset (``dataset``), so that the
+                               # validation data a pruned model is evaluated on stays unseen
       batch_size: 8            # default: validation.batch_size, else batch_size
       generate: {max_new_tokens: 32}   # unsupervised QA: the greedy answers (default
                                        # validation.generate, else 32 tokens)
@@ -171,7 +172,10 @@ def prune_config(cfg: DictConfig) -> Tuple[DictConfig, PruneSettings]:
         generate = cfg.validation.get("generate", None)
     generation = GenerationSettings.from_config(generate) or GenerationSettings()
     if reads:
-        out_cfg = with_evaluated_data(cfg, section, "prune")
+        scored = section
+        if section.get("dataset", None) is None and cfg.get("dataset", None) is not None:
+            scored = OmegaConf.merge(section, {"dataset": cfg.dataset})
+        out_cfg = with_evaluated_data(cfg, scored, "prune")
     else:
         out_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     if out_cfg.get("validation", None) is not None and "generate" in out_cfg.validation:

@@ -11,6 +11,8 @@ settings and the three baselines:
     # SmolLM2-135M-Instruct on Rotten Tomatoes (after smollm2_rotten_tomatoes.py prepare DIR)
     python benchmarks/pruning_table.py smollm2 --data /tmp/smollm2_rt --out /tmp/prune_rt
     python benchmarks/pruning_table.py reduce --data /tmp/smollm2_rt --out /tmp/prune_rt
+    python benchmarks/pruning_table.py reduce --run plain=/tmp/demo_plain \\
+        --run comparative=/tmp/demo_cmp --out /tmp/prune_demo --sparsities 0.5
     python benchmarks/pruning_table.py table       # the README's tables again
 
 ``reduce`` measures attribution's sum vs max over positions (and all vs answer positions) on
@@ -132,7 +134,7 @@ def rows_for(label: str, cfg: Dict, data_keys: Dict, out: Path, heads: int, kv: 
     for name, section in METHODS.items():
         for s in sparsities:
             h = head_sparsity(s, heads, kv)
-            tag = "".join(c if c.isalnum() else "_" for c in f"{label}_{name}_{s}")
+            tag = _tag(label, name, s)
             pruned = out / tag
             prune = {**(data_keys if section["method"] in DATA_METHODS else {}), **section,
                      "sparsity": {"ffn_hidden": s, "attn_heads": h},
@@ -224,39 +226,86 @@ def _smollm2_setup(args):
 def smollm2(args) -> None:
     cfg, data_keys = _smollm2_setup(args)
     rows = rows_for("SmolLM2-135M-Instruct", cfg, data_keys, args.out, 9, 3, args.sparsities,
-                    [], (8, 128))
+                    [], (4, 64))
     _save("smollm2_rotten_tomatoes", rows)
     print_table(rows)
 
 
 def reduce_grid(args) -> None:
-    """Attribution's sum vs max over positions (all positions; with answer positions a
-    classification sample has one, where sum = max), at two sparsities, on SmolLM2."""
-    cfg, data_keys = _smollm2_setup(args)
+    """Attribution's sum vs max over positions, over all positions or the answer's (for
+    classification one position, where sum = max), at each sparsity: on SmolLM2 (``--data``)
+    or on demo runs (``--run``)."""
+    if args.run:
+        models = [(label, _demo_config(run), {"batch_size": 32, "num_examples": 256}, 4, 2,
+                   DEMO_EVAL) for label, run in _runs(args.run).items()]
+        key, grid = "demo_reduce", [(r, p) for p in ("all", "answer")
+                                    for r in ("sum", "max", "taylor")]
+    else:
+        cfg, data_keys = _smollm2_setup(args)
+        models = [("SmolLM2-135M-Instruct", cfg, data_keys, 9, 3, [])]
+        key, grid = "smollm2_reduce", [("sum", "all"), ("max", "all"), ("taylor", "all"),
+                                       ("sum", "answer")]
     rows = []
-    for reduce, positions in (("sum", "all"), ("max", "all"), ("sum", "answer")):
-        for s in args.sparsities:
-            pruned = args.out / f"reduce_{reduce}_{positions}_{s}"
-            prune = {**data_keys, "reduce": reduce, "positions": positions,
-                     "sparsity": {"ffn_hidden": s, "attn_heads": head_sparsity(s, 9, 3)},
-                     "output_dir": str(pruned), "overwrite": True}
-            path = _write_config({**cfg, "prune": prune}, args.out / "configs" / f"{pruned.name}.yaml")
-            _run([_tune_cmp(), "prune", "--config", str(path)])
-            result = _eval(pruned / "torchtune_config.yaml", args.out / f"{pruned.name}.json", [])
-            rows.append({"reduce": reduce, "positions": positions, "sparsity": s,
-                         "loss": result["loss"], "accuracy": result.get("accuracy")})
-            print(rows[-1], flush=True)
-    _save("smollm2_reduce", rows)
+    for label, cfg, data_keys, heads, kv, eval_extra in models:
+        for reduce, positions in grid:
+            for s in args.sparsities:
+                pruned = args.out / f"reduce_{label}_{reduce}_{positions}_{s}"
+                prune = {**data_keys, "reduce": reduce, "positions": positions,
+                         "sparsity": {"ffn_hidden": s, "attn_heads": head_sparsity(s, heads, kv)},
+                         "output_dir": str(pruned), "overwrite": True}
+                path = _write_config({**cfg, "prune": prune},
+                                     args.out / "configs" / f"{pruned.name}.yaml")
+                _run([_tune_cmp(), "prune", "--config", str(path)])
+                result = _eval(pruned / "torchtune_config.yaml", args.out / f"{pruned.name}.json",
+                               eval_extra)
+                rows.append({"model": label, "reduce": reduce, "positions": positions,
+                             "sparsity": s, **{k: result[k] for k in result
+                                               if k not in ("pass", "ablation")}})
+                print(rows[-1], flush=True)
+    _save(key, rows)
+
+
+def _tag(label: str, name: str, s: float) -> str:
+    return "".join(c if c.isalnum() else "_" for c in f"{label}_{name}_{s}")
+
+
+def retime(args) -> None:
+    rows = json.loads(RESULTS.read_text())[args.key]
+    timing = (16, 256) if args.key == "demo" else (4, 64)
+    for r in rows:
+        path = (args.out / "configs" / f"{r['model']}.yaml" if r["method"] == "unpruned" else
+                args.out / _tag(r["model"], r["method"], r["sparsity"]) / "torchtune_config.yaml")
+        r["ms"] = inference_ms(path, *timing)
+        print(r["model"], r["method"], r["sparsity"], f"{r['ms']:.1f} ms", flush=True)
+    _save(args.key, rows)
+    print_table(rows)
 
 
 def print_table(rows: List[Dict]) -> None:
+    """Per model: one row per method, one column per sparsity, cells ``metric / loss``; then
+    the parameters and forward time at each sparsity (the same for every method)."""
     metric = "accuracy" if any("accuracy" in r for r in rows) else "exact_match"
-    print(f"| model | method | FFN / head sparsity | parameters | {metric} | loss | forward ms |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        sp = "-" if r["method"] == "unpruned" else f"{r['sparsity']:.1f} / {r['head_sparsity']:.2f}"
-        print(f"| {r['model']} | {r['method']} | {sp} | {r['parameters']:,} | "
-              f"{r.get(metric, float('nan')):.3f} | {r['loss']:.3f} | {r['ms']:.1f} |")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        full = next(r for r in mine if r["method"] == "unpruned")
+        sparsities = sorted({r["sparsity"] for r in mine if r["method"] != "unpruned"})
+        heads = {r["sparsity"]: r["head_sparsity"] for r in mine}
+        print(f"\n**{model}**: unpruned {metric} {full[metric]:.3f}, loss {full['loss']:.3f}, "
+              f"{full['parameters']:,} parameters, forward {full['ms']:.0f} ms\n")
+        print("| FFN / head sparsity | " + " | ".join(
+            f"{s:.1f} / {heads[s]:.2f}" for s in sparsities) + " |")
+        print("|---" * (len(sparsities) + 1) + "|")
+        for method in dict.fromkeys(r["method"] for r in mine if r["method"] != "unpruned"):
+            cells = {r["sparsity"]: r for r in mine if r["method"] == method}
+            print(f"| {method} | " + " | ".join(
+                f"{cells[s][metric]:.3f} / {cells[s]['loss']:.3f}" for s in sparsities) + " |")
+        first = {r["sparsity"]: r for r in mine if r["method"] != "unpruned"}
+        print("| parameters | " + " | ".join(f"{first[s]['parameters']:,}" for s in sparsities)
+              + " |")
+        ms = {s: statistics.median(r["ms"] for r in mine if r["sparsity"] == s
+                                   and r["method"] != "unpruned") for s in sparsities}
+        print("| forward ms (median over methods) | " + " | ".join(
+            f"{ms[s]:.0f}" for s in sparsities) + " |")
 
 
 def main() -> None:
@@ -267,11 +316,17 @@ def main() -> None:
     d.add_argument("--out", type=Path, required=True)
     for name, default in (("smollm2", [0.1, 0.3, 0.5]), ("reduce", [0.3, 0.5])):
         s = sub.add_parser(name)
-        s.add_argument("--data", type=Path, required=True, help="smollm2_rotten_tomatoes.py's DIR")
+        s.add_argument("--data", type=Path, help="smollm2_rotten_tomatoes.py's DIR")
+        if name == "reduce":
+            s.add_argument("--run", action="append", help="LABEL=RUN_DIR: demo runs instead")
         s.add_argument("--out", type=Path, required=True)
         s.add_argument("--sparsities", type=float, nargs="+", default=default)
         s.add_argument("--dev-size", type=int, default=128)
         s.add_argument("--examples", type=int, default=64, help="scored training reviews")
+    t = sub.add_parser("retime", help="measure the forward times of a table's rows again "
+                       "(when nothing else runs), from the configs its run wrote")
+    t.add_argument("key", choices=["demo", "smollm2_rotten_tomatoes"])
+    t.add_argument("--out", type=Path, required=True, help="the --out of that run")
     sub.add_parser("table")
     args = parser.parse_args()
     if args.command == "demo":
@@ -280,6 +335,8 @@ def main() -> None:
         smollm2(args)
     elif args.command == "reduce":
         reduce_grid(args)
+    elif args.command == "retime":
+        retime(args)
     else:
         results = json.loads(RESULTS.read_text())
         for key in ("demo", "smollm2_rotten_tomatoes"):

@@ -5,7 +5,10 @@ A unit's effect at one token is the first-order change of the objective (the log
 the scored answer tokens, teacher-forced) when the unit is zeroed there:
 ``|sum_g a[t, u, g] * dJ/da[t, u, g]|`` over the unit's channels g (a head's head_dim; 1 for
 FFN channels and residual outputs). A unit's score sums that effect over the positions of each
-example (``reduce="sum"``) or takes its maximum (``"max"``), and sums over examples. The sites and
+example (``reduce="sum"``) or takes its maximum (``"max"``), and sums over examples.
+``"taylor"`` takes the absolute value of the signed sum over the example's positions instead,
+``|sum_t sum_g a * dJ/da|``: the first-order change of the objective when the unit is zeroed at
+every position at once, which is what pruning does (effects of opposite sign cancel). The sites and
 units are those of ``comparative_recipe.neurons``: the units the comparative loss masks.
 """
 
@@ -16,7 +19,7 @@ from torch import nn
 
 from comparative_recipe import checks, neurons
 
-REDUCTIONS = ("sum", "max")
+REDUCTIONS = ("sum", "max", "taylor")
 
 
 def attribution_scores(
@@ -28,10 +31,12 @@ def attribution_scores(
         acts: [R, S, U, G] the site's activation (U units of G channels).
         grads: [R, S, U, G] the objective's gradient with respect to it.
         positions: [R, S] bool, the tokens that count (real tokens, not padding).
-        reduce: "sum" or "max" of the per-token effect over each row's positions.
+        reduce: "sum" or "max" of the per-token effect over each row's positions, or
+            "taylor", the absolute signed sum.
 
     Returns:
-        float32 [U]: sum over rows of reduce_t |sum_g acts * grads|.
+        float32 [U]: sum over rows of reduce_t |sum_g acts * grads| ("taylor":
+        |sum_t sum_g acts * grads|).
     """
     checks.choice(reduce, REDUCTIONS, "attribution reduce")
     if acts.shape != grads.shape or acts.dim() != 4 or positions.shape != acts.shape[:2]:
@@ -39,8 +44,10 @@ def attribution_scores(
             f"attribution_scores: acts and grads must both be [R, S, U, G] and positions [R, S], "
             f"got {tuple(acts.shape)}, {tuple(grads.shape)} and {tuple(positions.shape)}"
         )
-    effect = (acts.float() * grads.float()).sum(-1).abs()  # [R, S, U]
-    effect = effect * positions[..., None].to(effect.dtype)  # effects are >= 0: 0 never wins a max
+    signed = (acts.float() * grads.float()).sum(-1) * positions[..., None].float()  # [R, S, U]
+    if reduce == "taylor":
+        return signed.sum(1).abs().sum(0)
+    effect = signed.abs()  # >= 0: a position left out (0) never wins a max
     per_row = effect.sum(1) if reduce == "sum" else effect.amax(1)
     return per_row.sum(0)
 

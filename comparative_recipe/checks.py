@@ -38,6 +38,13 @@ def finite_number(value: Any, key: str, *, allow_zero: bool = False) -> float:
     return float(value)
 
 
+def flag(value: Any, key: str) -> bool:
+    """``value`` if it is a bool (a YAML true / false)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
 def choice(value: Any, valid: Collection[Any], key: str) -> Any:
     """``value`` if it is one of ``valid``."""
     if value not in valid:

@@ -117,6 +117,16 @@ def config_section(cfg: DictConfig, name: str, keys: frozenset) -> Any:
     return section
 
 
+def section_output_dir(cfg: DictConfig, section: Any, name: str, default: str) -> Path:
+    """``<name>.output_dir`` of ``section``, else ``<output_dir>/<default>``."""
+    out = section.get("output_dir", None)
+    if out is None:
+        if cfg.get("output_dir", None) is None:
+            raise ValueError(f"set {name}.output_dir (or output_dir): where the {name} output goes")
+        out = Path(str(cfg.output_dir)) / default
+    return Path(str(out))
+
+
 def with_evaluated_data(cfg: DictConfig, section: Any, name: str) -> DictConfig:
     """A copy of ``cfg`` whose ``validation`` section holds the data an evaluation scores:
     ``dataset``, ``batch_size`` and ``generate`` of ``section`` (the ``eval`` or ``analyze``
@@ -159,9 +169,7 @@ def evaluation_config(cfg: DictConfig) -> Tuple[DictConfig, EvalSettings]:
     if passes is not None:
         val.passes = passes
 
-    overwrite = section.get("overwrite", False)
-    if not isinstance(overwrite, bool):
-        raise ValueError(f"eval.overwrite must be true or false, got {overwrite!r}")
+    overwrite = checks.flag(section.get("overwrite", False), "eval.overwrite")
     path = section.get("output_path", None)
     if path is None:
         if cfg.get("output_dir", None) is None:

@@ -28,6 +28,9 @@ def test_attribution_scores_by_hand():
     all_pos = torch.ones(1, 3, dtype=torch.bool)
     assert attribution_scores(acts, grads, all_pos, "sum").tolist() == [9.0, 4.0]
     assert attribution_scores(acts, grads, all_pos, "max").tolist() == [3.0, 2.0]
+    # taylor: |signed sum|: unit 0: |3 - 3| = 0, |3 - 3 + 3| = 3; unit 1: |1 - 1| = 0, |1 - 1 + 2| = 2
+    assert attribution_scores(acts, grads, positions, "taylor").tolist() == [0.0, 0.0]
+    assert attribution_scores(acts, grads, all_pos, "taylor").tolist() == [3.0, 2.0]
     # rows add up
     two = attribution_scores(acts.repeat(2, 1, 1, 1), grads.repeat(2, 1, 1, 1), all_pos.repeat(2, 1))
     assert two.tolist() == [18.0, 8.0]
@@ -85,7 +88,7 @@ def _mask_gradients(model, tokens, objective, site):
     return value, grads
 
 
-@pytest.mark.parametrize("reduce", ["sum", "max"])
+@pytest.mark.parametrize("reduce", ["sum", "max", "taylor"])
 def test_site_attributions_equal_the_gradient_of_a_mask_of_ones(reduce):
     model = _model()
     tokens, targets, positions = _batch()
@@ -97,7 +100,8 @@ def test_site_attributions_equal_the_gradient_of_a_mask_of_ones(reduce):
         assert len(scores[site]) == len(grads) == 2
         for got, g in zip(scores[site], grads):
             effect = g.abs() * positions[..., None]
-            expected = effect.sum(1).sum(0) if reduce == "sum" else effect.amax(1).sum(0)
+            expected = {"sum": effect.sum(1).sum(0), "max": effect.amax(1).sum(0),
+                        "taylor": (g * positions[..., None]).sum(1).abs().sum(0)}[reduce]
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
             assert got.shape == (neurons.site_layouts(model, site)[0].units,)
             assert bool((got > 0).any())

@@ -31,7 +31,7 @@ section (every key optional)::
       seeds: [0, 1, 2]
       layer_rate: 0.5                  # null: no per-layer points
       layer_sites: [ffn_hidden, attn_heads]
-      attribution: sum                 # sum | max over positions; null: none
+      attribution: sum                 # sum | max | taylor over positions; null: none
       granularity: unit                # default: ablation.hidden.granularity, else unit
       scale: true                      # default: ablation.hidden.scale, else true
       output_dir: <output_dir>/analysis
@@ -65,6 +65,7 @@ from comparative_recipe.evaluation import (
     check_output_path,
     checkpoint_overrides,
     config_section,
+    section_output_dir,
     with_evaluated_data,
 )
 from comparative_recipe.loss import ComparativeLoss
@@ -246,13 +247,8 @@ def analysis_config(cfg: DictConfig) -> Tuple[DictConfig, AnalysisSettings]:
     scale = section.get("scale", hidden.get("scale", True))
     overwrite, plots = section.get("overwrite", False), section.get("plots", True)
     for key, value in (("scale", scale), ("overwrite", overwrite), ("plots", plots)):
-        if not isinstance(value, bool):
-            raise ValueError(f"analyze.{key} must be true or false, got {value!r}")
-    output_dir = section.get("output_dir", None)
-    if output_dir is None:
-        if cfg.get("output_dir", None) is None:
-            raise ValueError("set analyze.output_dir (or output_dir): where the analysis goes")
-        output_dir = Path(str(cfg.output_dir)) / "analysis"
+        checks.flag(value, f"analyze.{key}")
+    output_dir = section_output_dir(cfg, section, "analyze", "analysis")
     name = str(section.get("name", "ablation"))
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"analyze.name must be a plain file stem such as 'ablation', got {name!r}")

@@ -9,7 +9,8 @@ section (every key optional)::
       data: supervised         # supervised: the dataset's answers; unsupervised: the model's own
                                # greedy answers (the gold answers are never read)
       num_examples: null       # low-resource: score on this many examples (a seeded subset)
-      reduce: sum              # attribution: sum | max of a unit's effect over a sample's positions
+      reduce: sum              # attribution: sum | max of a unit's effect over a sample's positions,
+                               # or taylor: | the signed sum | (zeroed at every position at once)
       positions: all           # attribution and wanda: all (every real token) | answer (the
                                # positions that predict an answer token)
       sites: [ffn_hidden, attn_heads]
@@ -42,7 +43,12 @@ from torchtune import config
 
 from comparative_recipe import checks, neurons
 from comparative_recipe.attribution import REDUCTIONS
-from comparative_recipe.evaluation import checkpoint_overrides, config_section, with_evaluated_data
+from comparative_recipe.evaluation import (
+    checkpoint_overrides,
+    config_section,
+    section_output_dir,
+    with_evaluated_data,
+)
 from comparative_recipe.metrics.generation import GenerationSettings
 from comparative_recipe.pruning.scores import DATA_METHODS, METHODS
 from comparative_recipe.pruning.select import RANKINGS, removal_count
@@ -147,15 +153,8 @@ def prune_config(cfg: DictConfig) -> Tuple[DictConfig, PruneSettings]:
     if layers_per_pass is not None:
         layers_per_pass = checks.positive_int(layers_per_pass, "prune.layers_per_pass")
     seed = checks.non_negative_int(section.get("seed", 0), "prune.seed")
-    overwrite = section.get("overwrite", False)
-    if not isinstance(overwrite, bool):
-        raise ValueError(f"prune.overwrite must be true or false, got {overwrite!r}")
-    out = section.get("output_dir", None)
-    if out is None:
-        if cfg.get("output_dir", None) is None:
-            raise ValueError("set prune.output_dir (or output_dir): where the pruned model goes")
-        out = Path(str(cfg.output_dir)) / "pruned"
-    out = Path(str(out))
+    overwrite = checks.flag(section.get("overwrite", False), "prune.overwrite")
+    out = section_output_dir(cfg, section, "prune", "pruned")
     if out.exists() and not overwrite:
         raise FileExistsError(
             f"{out} exists: a pruned model is never replaced unless prune.overwrite=true; "

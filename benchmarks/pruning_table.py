@@ -107,9 +107,10 @@ def _params(config_path: Path) -> int:
     from omegaconf import OmegaConf
     from torchtune import config
 
+    from comparative_recipe.pruning.export import parameter_count
+
     with torch.device("meta"):
-        model = config.instantiate(OmegaConf.load(config_path).model)
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        return parameter_count(config.instantiate(OmegaConf.load(config_path).model))
 
 
 def _write_config(cfg, path: Path) -> Path:

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchtune import training
 
+from comparative_recipe.pruning.select import achieved_sparsity
 from comparative_recipe.pruning.settings import PruneSettings
 from comparative_recipe.pruning.structure import layer_sizes
 from comparative_recipe.training.checkpointing import CheckpointManager
@@ -160,7 +161,7 @@ def pruning_report(
         n_kept = [int(k.numel()) for k in kept[site]]
         sites[site] = {
             "sparsity": settings.sparsity[site],
-            "achieved_sparsity": 1.0 - sum(n_kept) / sum(units[site]),
+            "achieved_sparsity": achieved_sparsity(kept[site], units[site]),
             "units": list(units[site]), "kept": n_kept,
             "kept_units": [k.tolist() for k in kept[site]],
             "scores": [[float(x) for x in s] for s in scores[site]],

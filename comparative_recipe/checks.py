@@ -29,6 +29,13 @@ def rate(value: Any, key: str) -> float:
     return float(value)
 
 
+def open_unit(value: Any, key: str) -> float:
+    """``value`` as a float if it is a number strictly between 0 and 1: a probability."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{key} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
 def finite_number(value: Any, key: str, *, allow_zero: bool = False) -> float:
     """``value`` as a float if it is finite and > 0 (>= 0 with ``allow_zero``)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

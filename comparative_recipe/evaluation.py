@@ -20,6 +20,8 @@ error, and so is any unknown key of the ``eval`` section::
       adapter: ...            # LoRA configs: a checkpoint directory of the run (adapter_model.pt);
                               # checkpointer.checkpoint_dir stays the base model. Unset: the base
                               # model (or merged weights) alone
+      exit_rules: {...}       # method: early_exit: the exit rules to run and time (default:
+                              # validation.exit_rules, else q_exit q=0.5, sample, patience)
 
 This module turns such a config into the validation config the method and trainer read
 (``evaluation_config``), finds the checkpoint's weight files, builds the JSON report and the
@@ -42,7 +44,9 @@ from comparative_recipe.training.checkpointing import MERGED_DIR, weight_files
 from comparative_recipe.training.trainer import check_config_keys
 
 EVAL_KEYS = frozenset({"dataset", "batch_size", "passes", "generate", "output_path", "overwrite",
-                       "adapter"})
+                       "adapter", "exit_rules"})
+# The exit rules an early-exit evaluation times when neither eval nor validation names any.
+DEFAULT_EXIT_RULES = {"q_exit": {"q": 0.5}, "sample": {"seed": 0}, "patience": None}
 # Per-pass metrics of a report, in table order (each present when the method computed it).
 PASS_METRICS = ("loss", "accuracy", "macro_f1", "exact_match", "f1")
 SUMMARY_METRICS = ("cmp_loss", "violation_rate")
@@ -168,6 +172,11 @@ def evaluation_config(cfg: DictConfig) -> Tuple[DictConfig, EvalSettings]:
         passes = "all"  # the ablation curve, where the method has one
     if passes is not None:
         val.passes = passes
+    exit_rules = section.get("exit_rules", None)
+    if exit_rules is None and "exit_rules" in _method_validation_keys(cfg):
+        exit_rules = val.get("exit_rules", None) or DEFAULT_EXIT_RULES
+    if exit_rules is not None:
+        val.exit_rules = exit_rules
 
     overwrite = checks.flag(section.get("overwrite", False), "eval.overwrite")
     path = section.get("output_path", None)
@@ -229,11 +238,13 @@ def evaluation_report(
     settings: EvalSettings,
     pass_labels: Optional[Sequence[str]] = None,
     world_size: int = 1,
+    exit_rules: Optional[List[Dict[str, Any]]] = None,
 ) -> Dict[str, Any]:
     """The JSON report of an evaluation (layout in the README's `tune-cmp eval` section).
 
     ``metrics``: ``Trainer.evaluate()``'s (``val_`` names); ``cfg``: the evaluation config
-    (``evaluation_config``); ``pass_labels``: what each pass ablates.
+    (``evaluation_config``); ``pass_labels``: what each pass ablates; ``exit_rules``: an
+    early-exit method's rows (``EarlyExitMethod.exit_rule_rows``).
     """
     checkpointer = cfg.checkpointer
     passes: List[Dict[str, Any]] = []
@@ -246,7 +257,9 @@ def evaluation_report(
                 entry[name] = metrics[f"val_{name}_{k}"]
         passes.append(entry)
     val = cfg.validation
+    extra = {} if exit_rules is None else {"exit_rules": exit_rules}
     return {
+        **extra,
         "version": REPORT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": {
@@ -273,17 +286,40 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _aligned(header: List[str], rows: List[List[str]], left: int) -> List[str]:
+    """Rows of cells in columns: the first ``left`` columns left-aligned, the rest right."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(  # noqa: E731
+        c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+    ).rstrip()
+    return [fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+
+
+EXIT_RULE_COLUMNS = ("accuracy", "exact_match", "macro_f1", "loss", "layers", "speedup")
+
+
+def format_exit_rules(rows: List[Dict[str, Any]]) -> str:
+    """An early-exit evaluation's table: one row per exit rule (``full``: all layers), then how
+    many samples left at each layer."""
+    columns = [c for c in EXIT_RULE_COLUMNS if any(c in r for r in rows)]
+    header = ["rule", "setting", *columns]
+    cells = [[r["rule"], r["setting"], *(_cell(r.get(c, "")) for c in columns)] for r in rows]
+    lines = _aligned(header, cells, 2)
+    lines.append("samples leaving at layer 1..L:")
+    lines += [f"  {r['rule']}: {' '.join(str(int(c)) for c in r['exit_histogram'])}" for r in rows]
+    return "\n".join(lines)
+
+
 def format_table(report: Dict[str, Any]) -> str:
-    """The report as the table ``tune-cmp eval`` prints: one row per pass, then the summary."""
+    """The report as the table ``tune-cmp eval`` prints: one row per pass, then the summary
+    (an early-exit report: one row per exit rule)."""
+    if "exit_rules" in report:
+        return format_exit_rules(report["exit_rules"]) + f"\nsamples={report['samples']}"
     columns = [c for c in PASS_METRICS if any(c in p for p in report["passes"])]
     header = ["pass", "ablation", *columns]
     rows = [[str(p["pass"]), p["ablation"], *(_cell(p.get(c, "")) for c in columns)]
             for p in report["passes"]]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(  # noqa: E731
-        c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
-    ).rstrip()
-    lines = [fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+    lines = _aligned(header, rows, 2)
     summary = report["summary"]
     extra = [f"samples={report['samples']}"]
     extra += [f"{k}={_cell(float(summary[k]))}" for k in SUMMARY_METRICS if k in summary]

@@ -128,6 +128,13 @@ def _whole(logits: Logits) -> torch.Tensor:
     return torch.cat(list(logits), dim=1) if isinstance(logits, (list, tuple)) else logits
 
 
+def per_sample_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """[N] values of positions -> [n_rows] mean per row (0 for a row with none)."""
+    total = values.new_zeros(n_rows).index_add(0, rows, values)
+    count = values.new_zeros(n_rows).index_add(0, rows, torch.ones_like(values))
+    return total / count.clamp(min=1)
+
+
 class SFTTask:
     """Supervised fine-tuning: the task loss is the sample's mean token cross-entropy."""
 

@@ -14,6 +14,9 @@ validation (``Trainer.evaluate``) with ``passes: all`` by default, prints a tabl
 accuracy / macro-F1 or exact match / token F1 per pass) and writes a JSON report to
 ``eval.output_path`` (default ``<output_dir>/eval/<checkpoint dir name>.json``; an existing
 file is an error unless ``eval.overwrite=true``). See ``comparative_recipe.evaluation``.
+A ``method: early_exit`` checkpoint is evaluated per exit rule instead (``eval.exit_rules``):
+task metric, mean exit layer, samples leaving at each layer and the measured wall-time speed-up
+against running all layers.
 """
 
 import sys
@@ -39,9 +42,11 @@ def recipe_main(cfg: DictConfig) -> None:
     trainer.setup_evaluation(settings.checkpoint_overrides, adapter_dir=settings.adapter_dir)
     metrics = trainer.evaluate()
     labels = getattr(method, "pass_labels", lambda: None)
+    exit_rules = getattr(method, "exit_rule_rows", lambda _: None)
     if world.is_rank_zero:
         report = evaluation_report(metrics, cfg=eval_cfg, settings=settings,
-                                   pass_labels=labels(), world_size=world.world_size)
+                                   pass_labels=labels(), world_size=world.world_size,
+                                   exit_rules=exit_rules(metrics))
         path = write_report(settings.output_path, report, overwrite=settings.overwrite)  # first
         print(format_table(report), flush=True)
         print(f"Evaluation report written to {path}", flush=True)

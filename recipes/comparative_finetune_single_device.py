@@ -24,7 +24,6 @@ training plots, final metrics, evaluations and analyses, the config); it needs m
 DiskLogger or TensorBoardLogger, checked before training starts.
 """
 
-import os
 import sys
 
 from omegaconf import DictConfig
@@ -32,32 +31,14 @@ from torchtune import config, utils
 
 from comparative_recipe.analysis.report import report_at_end, write_run_report
 from comparative_recipe.methods import build_method
-from comparative_recipe.training.distributed import DISTRIBUTED_KEYS, World
+from comparative_recipe.training.distributed import World, check_single_process
 from comparative_recipe.training.trainer import Trainer
-
-
-def check_single_process(cfg: DictConfig) -> None:
-    """One process, and no key that only the distributed recipe reads (it would be ignored)."""
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes > 1:
-        raise RuntimeError(
-            f"comparative_finetune_single_device was launched as {processes} processes, which "
-            "would each train the whole model on the same data: use "
-            "comparative_finetune_distributed with torchrun, or launch one process"
-        )
-    distributed_only = [key for key in DISTRIBUTED_KEYS if key in cfg]
-    if distributed_only:
-        raise ValueError(
-            f"{distributed_only} are keys of comparative_finetune_distributed (FSDP2 over "
-            "several processes); this recipe trains on one device and would ignore them: "
-            "remove them, or run the distributed recipe"
-        )
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="comparative_finetune_single_device", cfg=cfg)
-    check_single_process(cfg)
+    check_single_process(cfg, "comparative_finetune_single_device", "comparative_finetune_distributed")
     report = report_at_end(cfg)
     world = World.single_device(utils.get_device(device=cfg.device))
     trainer = Trainer(cfg, build_method(cfg), world, world_keys=("report",))

@@ -8,14 +8,17 @@ from omegaconf import DictConfig
 from comparative_recipe import checks
 from comparative_recipe.methods.baselines import DropoutMethod, RDropMethod
 from comparative_recipe.methods.comparative import ComparativeMethod, ComparativeSettings
+from comparative_recipe.methods.early_exit import EarlyExitMethod
 
-METHODS = {"comparative": ComparativeMethod, "dropout": DropoutMethod, "rdrop": RDropMethod}
+METHODS = {"comparative": ComparativeMethod, "dropout": DropoutMethod, "rdrop": RDropMethod,
+           "early_exit": EarlyExitMethod}
 
 
-def build_method(cfg: DictConfig):
+def build_method(cfg: DictConfig, default: str = "comparative"):
     """The training method a recipe config names: ``method: comparative`` (the default) |
-    ``dropout`` | ``rdrop``, built from the config (every key of its sections checked)."""
-    name = checks.choice(cfg.get("method", "comparative"), tuple(METHODS), "method")
+    ``dropout`` | ``rdrop`` | ``early_exit``, built from the config (every key of its sections
+    checked); ``default``: the method of a config without ``method:``."""
+    name = checks.choice(cfg.get("method", default), tuple(METHODS), "method")
     return METHODS[name].from_config(cfg)
 
 
@@ -23,6 +26,7 @@ __all__ = [
     "ComparativeMethod",
     "ComparativeSettings",
     "DropoutMethod",
+    "EarlyExitMethod",
     "METHODS",
     "RDropMethod",
     "build_method",

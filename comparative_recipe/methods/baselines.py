@@ -35,7 +35,7 @@ from comparative_recipe.ablation.hidden import HiddenAblationConfig, hidden_abla
 from comparative_recipe.ablation.plan import AblationLevel
 from comparative_recipe.methods.comparative import ComparativeMethod, disable_model_dropout
 from comparative_recipe.passes import ComparativeStepSpec, PassInput, build_passes
-from comparative_recipe.tasks import TaskLosses
+from comparative_recipe.tasks import TaskLosses, per_sample_mean
 from comparative_recipe.training.dataloader import RecipeData
 from comparative_recipe.training.sums import Sums
 
@@ -58,13 +58,6 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor
     """
     la, lb = F.log_softmax(logits_a.float(), dim=-1), F.log_softmax(logits_b.float(), dim=-1)
     return ((la.exp() - lb.exp()) * (la - lb)).sum(dim=-1)
-
-
-def per_sample_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """[N] values of positions -> [n_rows] mean per row (0 for a row with none)."""
-    total = values.new_zeros(n_rows).index_add(0, rows, values)
-    count = values.new_zeros(n_rows).index_add(0, rows, torch.ones_like(values))
-    return total / count.clamp(min=1)
 
 
 class _MaskedPassesMethod:

@@ -6,6 +6,9 @@ Layout under ``output_dir``::
                                the other files of the input checkpoint, recipe_state.pt
     best/                      the weights with the best validation metric so far
 
+A method with modules of its own (``trained_modules``, e.g. early exit's halting heads) adds
+``<name>.pt`` to each: the module's full state dict (torchtune keys, CPU tensors).
+
 A LoRA run's checkpoint holds the adapter instead (``adapter_model.pt``, torchtune's keys;
 ``adapter_model.safetensors`` + ``adapter_config.json``, PEFT's) with ``base_model.json``, and,
 unless it saves adapter weights only, the merged weights as a complete HF folder in ``merged/``.
@@ -144,7 +147,10 @@ class CheckpointManager:
         _fix_weight_permissions(written)
         if training.ADAPTER_KEY in checkpoint and training.MODEL_KEY in checkpoint:
             _move_merged_weights(written)
-        for name, content in (files or {}).items():  # text as it is, anything else as JSON
+        for name, content in (files or {}).items():
+            if callable(content):  # writes the file itself
+                content(written / name)
+                continue
             text = content if isinstance(content, str) else json.dumps(content, indent=2) + "\n"
             (written / name).write_text(text)
         if recipe_state is not None:
@@ -155,7 +161,8 @@ class CheckpointManager:
 
     def save_model(self, dst: Path, checkpoint: Dict[str, Any],
                    files: Optional[Dict[str, Any]] = None) -> Path:
-        """Writes the weights (and ``files``: ``{name: JSON content or text}``) as a complete
+        """Writes the weights (and ``files``: ``{name: JSON content, text, or a callable that
+        writes the file at the path it is given}``) as a complete
         folder at ``dst``, atomically, replacing one that is there."""
         return self._write(Path(dst), checkpoint, None, files)
 
@@ -225,6 +232,32 @@ def weight_files(checkpoint_dir: Path) -> List[str]:
     if not files:
         raise FileNotFoundError(f"no *.safetensors or *.bin weight files in {checkpoint_dir}")
     return files
+
+
+def method_state_file(name: str) -> str:
+    """The file of a method's module ``name`` in a checkpoint directory."""
+    return f"{name}.pt"
+
+
+def save_method_state(state: Dict[str, torch.Tensor], path: Path) -> None:
+    torch.save(dict(state), path)
+
+
+def load_method_state(module: torch.nn.Module, path: Path) -> None:
+    """Loads ``path`` (``save_method_state``'s file) into ``module``; a file written for another
+    configuration is an error naming both."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = module.state_dict()
+    problems = sorted(set(own) ^ set(state))
+    problems += [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} configured"
+                 for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if problems:
+        raise ValueError(
+            f"{path} does not fit the configured {type(module).__name__} "
+            f"({'; '.join(str(p) for p in problems[:4])}): use the config the checkpoint was "
+            "trained with (its model and method sections), or start without this file"
+        )
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
 def load_recipe_state(checkpoint_dir: Path) -> Dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 from torchtune import training, utils
 from torchtune.modules.peft import get_adapter_state_dict
 
@@ -19,6 +20,25 @@ DISTRIBUTED_KEYS = (
     "fsdp_cpu_offload", "fsdp_reshard_after_forward", "distributed_timeout_minutes",
     "count_collectives",
 )
+
+
+def check_single_process(cfg: Any, recipe: str, distributed_recipe: str) -> None:
+    """A single-device recipe runs as one process, and no key that only the distributed recipe
+    reads is set (it would be ignored)."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        raise RuntimeError(
+            f"{recipe} was launched as {processes} processes, which would each train the whole "
+            f"model on the same data: use {distributed_recipe} with torchrun, or launch one "
+            "process"
+        )
+    distributed_only = [key for key in DISTRIBUTED_KEYS if key in cfg]
+    if distributed_only:
+        raise ValueError(
+            f"{distributed_only} are keys of {distributed_recipe} (FSDP2 over several "
+            "processes); this recipe trains on one device and would ignore them: remove them, "
+            "or run the distributed recipe"
+        )
 
 
 def init_process_group(device: torch.device, timeout_minutes: Optional[float] = None) -> Tuple[int, int]:
@@ -176,6 +196,23 @@ class World:
         return training.gather_cpu_state_dict(
             model, self.is_rank_zero, device=self.device, adapter_weights_only=adapter_weights_only
         )
+
+    def shard_module(self, module: nn.Module) -> None:
+        """Lays a method's own module (already on this rank's device, equal on every rank) over
+        the world as the model is: one FSDP2 unit of its own when sharded, else as it is."""
+        if self.sharded:
+            kwargs = {"reshard_after_forward": self.reshard_after_forward}
+            if self.cpu_offload:
+                kwargs["offload_policy"] = CPUOffloadPolicy()
+            fully_shard(module, **kwargs)
+
+    def full_module_state(self, module: nn.Module) -> Optional[dict]:
+        """A module's whole state dict as CPU tensors on rank 0 (None elsewhere); collective
+        when sharded."""
+        if not self.sharded:
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        state = training.gather_cpu_state_dict(module, self.is_rank_zero, device=self.device)
+        return state if self.is_rank_zero else None
 
     def full_optimizer_state(self, model: nn.Module, optimizer) -> Optional[dict]:
         """The optimizer state for the whole model on rank 0; collective when sharded."""

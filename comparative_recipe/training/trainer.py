@@ -22,7 +22,9 @@ optimizer step carries every named sum, and gradients are scaled by
 
 import contextlib
 import difflib
+import functools
 import time
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol
 
 import torch
@@ -41,7 +43,10 @@ from comparative_recipe.training.adapters import LoRAAdapters
 from comparative_recipe.training.checkpointing import (
     CheckpointManager,
     instantiate_checkpointer,
+    load_method_state,
     load_recipe_state,
+    method_state_file,
+    save_method_state,
     weight_files,
 )
 from comparative_recipe.training.costs import CollectiveCounter, peak_memory, reset_peak_memory
@@ -74,7 +79,10 @@ class TrainingMethod(Protocol):
     Optional: ``set_tokenizer(tokenizer)``, called with the run's tokenizer before ``prepare``
     when the method has it (e.g. to decode generated answers); ``validation_metric_names()``,
     the names ``validation_metrics`` returns, so that a ``validation.metric`` nothing computes
-    is an error before training.
+    is an error before training; ``trained_modules()`` (after ``prepare``), modules of the
+    method's own that train with the model (e.g. halting heads): the loop optimises, shards,
+    clips and saves them beside the model (``<name>.pt`` in every checkpoint) and loads them
+    back on resume, on evaluation and from a starting checkpoint that has them.
     """
 
     config_keys: frozenset
@@ -211,6 +219,7 @@ class Trainer:
         self.progress = TrainingProgress(seed=training.set_seed(seed=cfg.seed))
         self.collectives: Optional[CollectiveCounter] = None
         self.metric_logger = None  # setup() makes it (rank 0); an evaluation has none
+        self.method_modules: Dict[str, nn.Module] = {}
 
     # ------------------------------------------------------------------------------- setup
 
@@ -260,13 +269,16 @@ class Trainer:
             checkpointer = instantiate_checkpointer(cfg.checkpointer, **staging)
         self.ckpt.checkpointer = checkpointer
         state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
+        resumed = latest if recipe_state is not None else None
         self.model = self._setup_model(
-            state_dict, tokenizer, adapter_dir=latest if recipe_state is not None else None
+            state_dict, tokenizer, adapter_dir=resumed,
+            method_state_dir=resumed or cfg.checkpointer.get("checkpoint_dir", None),
         )
         del state_dict
-        # only the trainable parameters (a LoRA run's adapters) get optimizer state
+        # only the trainable parameters (a LoRA run's adapters, a method's modules) get
+        # optimizer state
         self.optimizer = config.instantiate(
-            cfg.optimizer, [p for p in self.model.parameters() if p.requires_grad]
+            cfg.optimizer, [p for p in self.trained.parameters() if p.requires_grad]
         )
         self.steps_per_epoch = steps_per_epoch(
             len(self.data.dataloader), self.grad_accum, cfg.get("max_steps_per_epoch", None)
@@ -318,7 +330,10 @@ class Trainer:
             rank=world.rank, world_size=world.world_size,
         )
         self.data = RecipeData(dataset, None, loader, pad_id)
-        self.model = self._setup_model(state_dict, tokenizer, adapter_dir=adapter_dir)
+        self.model = self._setup_model(
+            state_dict, tokenizer, adapter_dir=adapter_dir, require_method_state=True,
+            method_state_dir=adapter_dir or cfg.checkpointer.get("checkpoint_dir", None),
+        )
         del state_dict
         world.barrier()
 
@@ -340,9 +355,12 @@ class Trainer:
             ) from e
 
     def _setup_model(self, state_dict: Dict[str, Any], tokenizer: Any,
-                     adapter_dir: Optional[Any] = None) -> nn.Module:
+                     adapter_dir: Optional[Any] = None, method_state_dir: Optional[Any] = None,
+                     require_method_state: bool = False) -> nn.Module:
         """Builds the model, loads ``state_dict`` (a LoRA model: the base weights, with the
-        adapters of ``adapter_dir`` or their initialisation) and prepares it for the method."""
+        adapters of ``adapter_dir`` or their initialisation) and prepares it for the method
+        (its ``trained_modules`` loaded from ``method_state_dir`` where it has them; required
+        when ``require_method_state``). Sets ``self.trained``: what the optimizer updates."""
         cfg, world = self.cfg, self.world
         with training.set_default_dtype(self.dtype), world.model_init_device():
             model = config.instantiate(cfg.model)
@@ -383,12 +401,38 @@ class Trainer:
         if hasattr(self.method, "set_tokenizer"):
             self.method.set_tokenizer(tokenizer)
         self.method.prepare(model, self.data)
+        self.method_modules = self._method_modules(method_state_dir, require_method_state)
+        self.trained = model if not self.method_modules else nn.ModuleDict(
+            {"model": model, **self.method_modules}
+        )
         if cfg.get("num_output_chunks", 0):
             model.set_num_output_chunks(cfg.num_output_chunks)
         utils.log_rank_zero(
             log, f"Model ready on {world.world_size} rank(s) with precision {self.dtype}."
         )
         return model
+
+    def _method_modules(self, directory: Optional[Any], required: bool) -> Dict[str, nn.Module]:
+        """The method's ``trained_modules``, each loaded from ``directory/<name>.pt`` when that
+        file is there (else as the method initialised it, or an error when ``required``) and
+        laid over the world like the model."""
+        modules = dict(self.method.trained_modules()) if hasattr(self.method, "trained_modules") else {}
+        for name, module in modules.items():
+            path = None if directory is None else Path(str(directory)) / method_state_file(name)
+            if path is not None and path.is_file():
+                load_method_state(module, path)
+                utils.log_rank_zero(log, f"{name} loaded from {path}")
+            elif required:
+                raise FileNotFoundError(
+                    f"{directory} holds no {method_state_file(name)} ({name} of method: "
+                    f"{self.cfg.get('method', 'comparative')}): evaluate a checkpoint written by "
+                    "a run of this method (<output_dir>/best or <output_dir>/checkpoints/"
+                    "step_<N>), with the config it was trained with"
+                )
+            else:
+                utils.log_rank_zero(log, f"{name} initialised ({sum(p.numel() for p in module.parameters()):,} parameters)")
+            self.world.shard_module(module)
+        return modules
 
     def _load_recipe_state(self, state: Dict[str, Any]) -> None:
         self.progress.load_state_dict(state)
@@ -399,7 +443,7 @@ class Trainer:
                 f"{saved_world} ranks (this run has {self.world.world_size}), or from a "
                 "checkpoint at an epoch boundary: the data order is split by rank"
             )
-        self.world.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        self.world.load_optimizer_state(self.trained, self.optimizer, state["optimizer"])
         if self.progress.steps_into_epoch > 0:
             self.data.dataloader.load_state_dict(state["dataloader"])
 
@@ -416,13 +460,20 @@ class Trainer:
             return {training.MODEL_KEY: model_state}
         return self.adapters.checkpoint_dict(model_state)
 
-    def _checkpoint_files(self) -> Dict[str, Dict]:
-        return self.adapters.files() if self.adapters is not None else {}
+    def _checkpoint_files(self) -> Dict[str, Any]:
+        """The files written beside the weights (rank 0; collective when sharded): a LoRA
+        run's base-model record, and each of the method's modules."""
+        files = dict(self.adapters.files()) if self.adapters is not None else {}
+        for name, module in self.method_modules.items():
+            state = self.world.full_module_state(module)
+            if state is not None:
+                files[method_state_file(name)] = functools.partial(save_method_state, state)
+        return files
 
     def save_checkpoint(self) -> None:
         """``checkpoints/step_N``: weights, optimizer, dataloader position and progress."""
-        checkpoint = self._checkpoint()
-        optimizer_state = self.world.full_optimizer_state(self.model, self.optimizer)
+        checkpoint, files = self._checkpoint(), self._checkpoint_files()
+        optimizer_state = self.world.full_optimizer_state(self.trained, self.optimizer)
         if self.world.is_rank_zero:
             state = {
                 **self.progress.state_dict(),
@@ -430,8 +481,7 @@ class Trainer:
                 "optimizer": optimizer_state,
                 "dataloader": self.data.dataloader.state_dict(),  # equal on every rank
             }
-            path = self.ckpt.save(self.progress.global_step, checkpoint, state,
-                                  self._checkpoint_files())
+            path = self.ckpt.save(self.progress.global_step, checkpoint, state, files)
             log.info(f"Checkpoint of step {self.progress.global_step} saved to {path}")
         self.world.barrier()
 
@@ -441,12 +491,12 @@ class Trainer:
     def validation_sums(self) -> Dict[str, HostValue]:
         """The method's validation steps over this rank's share of the validation data, their
         sums added over all ranks (host values, equal on every rank)."""
-        self.model.eval()
+        self.trained.eval()
         parts = []
         for batch in self.data.val_dataloader:
             utils.batch_to_device(batch, self.device)
             parts.append(self.method.validation_step(self.model, batch))
-        self.model.train()
+        self.trained.train()
         if not parts:
             raise ValueError("the validation dataset is empty: add samples or remove `validation`")
         return Sums.total(parts).reduced(self.world.all_reduce_sum).to_host()
@@ -463,10 +513,9 @@ class Trainer:
         step = self.progress.global_step
         # metrics are summed over ranks: every rank takes the same decision
         if self.progress.record_best(metrics, self.val_metric):
-            checkpoint = self._checkpoint()
+            checkpoint, files = self._checkpoint(), self._checkpoint_files()
             if self.world.is_rank_zero:
-                path = self.ckpt.save_best(checkpoint, dict(self.progress.best),
-                                           self._checkpoint_files())
+                path = self.ckpt.save_best(checkpoint, dict(self.progress.best), files)
                 log.info(
                     f"Best {self.val_metric} so far ({metrics[self.val_metric]:.4f}, step "
                     f"{step}): weights saved to {path}"
@@ -488,7 +537,7 @@ class Trainer:
             sums = Sums.total(micro_sums).reduced(self.world.all_reduce_sum)
             weight = sums[self.method.normaliser].clamp(min=1.0)
             grad_norm = optimizer_step(
-                self.model, self.optimizer, self.lr_scheduler,
+                self.trained, self.optimizer, self.lr_scheduler,
                 grad_scale=self.world.world_size / weight, clip_grad_norm=self.clip_grad_norm,
             )
         self.progress.finish_step()

@@ -7,7 +7,8 @@ from omegaconf import OmegaConf
 
 from comparative_recipe.ablation.hidden import MaskKeys, hidden_ablation_keys
 from comparative_recipe.methods import DropoutMethod, RDropMethod, build_method
-from comparative_recipe.methods.baselines import per_sample_mean, symmetric_kl
+from comparative_recipe.methods.baselines import symmetric_kl
+from comparative_recipe.tasks import per_sample_mean
 from comparative_recipe.methods.comparative import ComparativeMethod
 from comparative_recipe.tasks import shift_labels
 from comparative_recipe.training.dataloader import RecipeData

@@ -92,7 +92,8 @@ class HaltingHeads(nn.Module):
         return torch.cat([state, previous], dim=-1)
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
-        if states.shape[0] != self.num_layers - 1 or states.shape[-1] != self.embed_dim:
+        if states.dim() != 3 or states.shape[0] != self.num_layers - 1 or \
+                states.shape[-1] != self.embed_dim:
             raise ValueError(
                 f"halting heads of {self.num_layers} layers x {self.embed_dim} got states of "
                 f"shape {tuple(states.shape)}; expected [{self.num_layers - 1}, B, {self.embed_dim}]"

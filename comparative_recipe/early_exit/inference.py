@@ -31,7 +31,7 @@ from comparative_recipe import checks
 from comparative_recipe.ablation.keys import uniform
 from comparative_recipe.early_exit.heads import HaltingHeads
 from comparative_recipe.early_exit.readout import ScoredPositions, TaskReadout, entries_of, local_index
-from comparative_recipe.training.distributed import all_reduce_sum
+from comparative_recipe.training.distributed import all_reduce_sum, unshard_parameters
 
 EXIT_RULES = ("q_exit", "sample", "patience", "fixed")
 # Keys the sampled rule's uniforms are drawn with, beside (seed, sample id, layer).
@@ -114,9 +114,8 @@ def early_exit_forward(model: nn.Module, heads: Optional[HaltingHeads], readout:
     rule = rule.resolved(L)
     if rule.name == "fixed" and rule.layers > L:
         raise ValueError(f"fixed.layers={rule.layers} but the model has {L} layers")
-    unsharded = [m for m in (model, heads) if isinstance(m, FSDPModule)]
-    for m in unsharded:
-        m.unshard()
+    for m in (model, heads):
+        unshard_parameters(m)  # run outside their forward (the layers gather their own)
     exit_layer = torch.full((B,), L, dtype=torch.long, device=device)
     loss = torch.zeros(B, device=device)
     correct = torch.zeros(B, dtype=torch.bool, device=device)
@@ -171,7 +170,8 @@ def early_exit_forward(model: nn.Module, heads: Optional[HaltingHeads], readout:
             keep = ~done
             active, h, state = active[keep], h[keep], state[keep]
         previous = state
-    for m in unsharded:
-        m.reshard()
+    for m in (model, heads):
+        if isinstance(m, FSDPModule):
+            m.reshard()
     has = scored.has_target
     return ExitResult(exit_layer, loss * has, correct & has, predicted, layer_rows)

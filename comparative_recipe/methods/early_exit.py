@@ -59,6 +59,7 @@ from comparative_recipe.early_exit.readout import TaskReadout
 from comparative_recipe.passes import macro_f1
 from comparative_recipe.tasks import _whole, build_task, shift_labels
 from comparative_recipe.training.dataloader import RecipeData
+from comparative_recipe.training.distributed import unshard_parameters
 from comparative_recipe.training.sums import Sums
 
 log = utils.get_logger("INFO")
@@ -233,6 +234,7 @@ class EarlyExitMethod:
                 "model.output_hidden_states after EarlyExitMethod.prepare"
             )
         *hidden, logits = outputs
+        unshard_parameters(model)  # the readouts below use its norm and output projection
         rows = torch.arange(targets.shape[0], device=targets.device)
         answer = scored.answer_positions
         lambdas = self.heads(torch.stack([h[rows, answer] for h in hidden]))

@@ -11,7 +11,7 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
 from torchtune import training, utils
 from torchtune.modules.peft import get_adapter_state_dict
 
@@ -61,6 +61,15 @@ def init_process_group(device: torch.device, timeout_minutes: Optional[float] = 
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
     return dist.get_world_size(), dist.get_rank()
+
+
+def unshard_parameters(module: nn.Module) -> None:
+    """All-gathers the parameters an FSDP2 unit holds itself (not its child units'), for use
+    outside its forward: a root's norm and output projection read after the forward (FSDP2
+    reshards them when the forward ends); their gradients are still reduced at the end of the
+    backward. Nothing for a module that is not sharded or already gathered."""
+    if isinstance(module, FSDPModule):
+        module.unshard()
 
 
 def set_threads_per_rank() -> int:

@@ -94,11 +94,12 @@ def run_recipe(cfg, tmp_path, name="run", check=True, recipe="comparative_finetu
     return run([sys.executable, str(script), "--config", str(path)], cwd=tmp_path, check=check)
 
 
-def launch_distributed(cfg, tmp_path, name, nproc, launcher_args=(), check=True, **env_vars):
-    """``tune-cmp run --nproc_per_node N [launcher_args] comparative_finetune_distributed``."""
+def launch_distributed(cfg, tmp_path, name, nproc, launcher_args=(), check=True,
+                       recipe="comparative_finetune_distributed", **env_vars):
+    """``tune-cmp run --nproc_per_node N [launcher_args] <recipe>``."""
     path = write(cfg, tmp_path / f"{name}.yaml")
     return run([sys.executable, "-m", "comparative_recipe.cli", "run", f"--nproc_per_node={nproc}",
-                *launcher_args, "comparative_finetune_distributed", "--config", str(path)],
+                *launcher_args, recipe, "--config", str(path)],
                cwd=tmp_path, check=check, **env_vars)
 
 

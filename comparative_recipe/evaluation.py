@@ -21,7 +21,8 @@ error, and so is any unknown key of the ``eval`` section::
                               # checkpointer.checkpoint_dir stays the base model. Unset: the base
                               # model (or merged weights) alone
       exit_rules: {...}       # method: early_exit: the exit rules to run and time (default:
-                              # validation.exit_rules, else q_exit q=0.5, sample, patience)
+                              # validation.exit_rules, else the method's: q_exit q=0.5, sample,
+                              # patience; patience for objective: pabee)
 
 This module turns such a config into the validation config the method and trainer read
 (``evaluation_config``), finds the checkpoint's weight files, builds the JSON report and the
@@ -45,8 +46,7 @@ from comparative_recipe.training.trainer import check_config_keys
 
 EVAL_KEYS = frozenset({"dataset", "batch_size", "passes", "generate", "output_path", "overwrite",
                        "adapter", "exit_rules"})
-# The exit rules an early-exit evaluation times when neither eval nor validation names any.
-DEFAULT_EXIT_RULES = {"q_exit": {"q": 0.5}, "sample": {"seed": 0}, "patience": None}
+
 # Per-pass metrics of a report, in table order (each present when the method computed it).
 PASS_METRICS = ("loss", "accuracy", "macro_f1", "exact_match", "f1")
 SUMMARY_METRICS = ("cmp_loss", "violation_rate")
@@ -174,7 +174,7 @@ def evaluation_config(cfg: DictConfig) -> Tuple[DictConfig, EvalSettings]:
         val.passes = passes
     exit_rules = section.get("exit_rules", None)
     if exit_rules is None and "exit_rules" in _method_validation_keys(cfg):
-        exit_rules = val.get("exit_rules", None) or DEFAULT_EXIT_RULES
+        exit_rules = val.get("exit_rules", None) or "default"  # the method's
     if exit_rules is not None:
         val.exit_rules = exit_rules
 

@@ -81,6 +81,14 @@ def ponder_loss(layer_losses: torch.Tensor, p: torch.Tensor, prior: torch.Tensor
     return PonderTerms(loss=task + beta * kl, task=task, kl=kl)
 
 
+def layer_weighted_loss(layer_losses: torch.Tensor) -> torch.Tensor:
+    """PABEE's training objective per row: ``sum_n n L_n / sum_n n`` (deeper layers weigh
+    more; Zhou et al., 2020). layer_losses: [B, L] -> [B]."""
+    n = torch.arange(1, layer_losses.shape[-1] + 1, device=layer_losses.device,
+                     dtype=torch.float32)
+    return (layer_losses.float() * n).sum(dim=-1) / n.sum()
+
+
 def expected_layers(p: torch.Tensor) -> torch.Tensor:
     """[B, L] exit distribution -> [B] expected exit layer sum_n n p_n."""
     n = torch.arange(1, p.shape[-1] + 1, device=p.device, dtype=torch.float32)

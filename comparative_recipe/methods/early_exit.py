@@ -17,6 +17,7 @@ Settings (``early_exit`` section; defaults are PALBERT's, the KL direction measu
 the README)::
 
     early_exit:
+      objective: pondernet # pabee: PABEE's baseline (no heads; sum_n n L_n / sum_n n)
       halting: {kind: mlp, depth: 3, hidden_dim: 128}   # or {kind: linear}
       lambda_p: 0.1        # prior's halting probability, in (0, 1)
       beta: 0.5            # KL weight, >= 0
@@ -47,10 +48,12 @@ from comparative_recipe.early_exit.heads import HaltingHeadSettings, HaltingHead
 from comparative_recipe.early_exit.inference import EXIT_RULES, ExitRule, early_exit_forward
 from comparative_recipe.early_exit.ponder import (
     KL_DIRECTIONS,
+    PonderTerms,
     exit_distribution,
     exit_histogram,
     expected_layers,
     floor_exit_distribution,
+    layer_weighted_loss,
     ponder_loss,
     q_exit_layers,
     truncated_geometric_prior,
@@ -64,19 +67,26 @@ from comparative_recipe.training.sums import Sums
 
 log = utils.get_logger("INFO")
 
-EARLY_EXIT_KEYS = frozenset({"halting", "lambda_p", "beta", "eps", "kl", "seed"})
+EARLY_EXIT_KEYS = frozenset({"objective", "halting", "lambda_p", "beta", "eps", "kl", "seed"})
+# pondernet: the halting heads and the PonderNet loss; pabee: PABEE's baseline, no heads, the
+# layers' losses weighted by their index (exit by patience, or at a fixed layer).
+OBJECTIVES = ("pondernet", "pabee")
+_HALTING_KEYS = EARLY_EXIT_KEYS - {"objective"}
 HEADS_MODULE = "halting_heads"
 # The whole-depth Q-exit that validation reports during training.
 VALIDATION_Q = 0.5
 _RULE_KEYS = {"q_exit": {"q"}, "sample": {"seed"}, "patience": {"patience"}, "fixed": {"layers"}}
 # What every timed rule is compared with: all layers through the same layer-by-layer code.
 FULL = "full"
+DEFAULT_EXIT_RULES = {"pondernet": {"q_exit": {"q": 0.5}, "sample": {"seed": 0}, "patience": None},
+                      "pabee": {"patience": None}}
 
 
 @dataclass(frozen=True)
 class EarlyExitSettings:
     """The ``early_exit`` section, checked (see the module doc)."""
 
+    objective: str = "pondernet"
     halting: HaltingHeadSettings = field(default_factory=HaltingHeadSettings)
     lambda_p: float = 0.1
     beta: float = 0.5
@@ -85,6 +95,7 @@ class EarlyExitSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        checks.choice(self.objective, OBJECTIVES, "early_exit.objective")
         checks.open_unit(self.lambda_p, "early_exit.lambda_p")
         checks.finite_number(self.beta, "early_exit.beta", allow_zero=True)
         checks.rate(self.eps, "early_exit.eps")
@@ -95,6 +106,12 @@ class EarlyExitSettings:
     def from_config(cls, cfg: DictConfig) -> "EarlyExitSettings":
         section = _plain(cfg.get("early_exit", None)) or {}
         checks.known_keys(section, EARLY_EXIT_KEYS, "early_exit")
+        if section.get("objective") == "pabee" and _HALTING_KEYS & set(section):
+            raise ValueError(
+                f"early_exit.objective: pabee trains no halting heads, so "
+                f"{sorted(_HALTING_KEYS & set(section))} would be ignored: remove them, or use "
+                "objective: pondernet"
+            )
         halting = section.pop("halting", None) or {}
         checks.known_keys(halting, {"kind", "depth", "hidden_dim"}, "early_exit.halting")
         if halting.get("kind") == "linear" and {"depth", "hidden_dim"} & set(halting):
@@ -113,10 +130,13 @@ def _plain(section: Any) -> Any:
     return dict(section) if isinstance(section, dict) else section
 
 
-def exit_rules_from_config(section: Any) -> List[ExitRule]:
+def exit_rules_from_config(section: Any, objective: str = "pondernet") -> List[ExitRule]:
     """``validation.exit_rules``: a mapping rule name -> its settings (or null for the
-    defaults), e.g. ``{q_exit: {q: 0.5}, patience: null}``; in the order given."""
+    defaults), e.g. ``{q_exit: {q: 0.5}, patience: null}``, in the order given; or ``default``:
+    q_exit (q 0.5), sample and patience, or patience alone for ``objective: pabee``."""
     section = _plain(section)
+    if section == "default":
+        section = DEFAULT_EXIT_RULES[objective]
     if not isinstance(section, dict) or not section:
         raise ValueError(
             f"validation.exit_rules must map rule names {list(EXIT_RULES)} to their settings, "
@@ -133,6 +153,11 @@ def exit_rules_from_config(section: Any) -> List[ExitRule]:
                 "fixed: {layers: 12}"
             )
         rules.append(ExitRule(name, **settings))
+        if objective == "pabee" and rules[-1].needs_lambdas:
+            raise ValueError(
+                f"exit rule {name} reads the halting heads, which early_exit.objective: pabee "
+                "does not train: use patience or fixed"
+            )
     return rules
 
 
@@ -150,6 +175,8 @@ class EarlyExitMethod:
         self.exit_rules = list(exit_rules or [])
         self.metric = "accuracy" if task == "classification" else "exact_match"
         self.heads: Optional[HaltingHeads] = None
+        self.halting = settings.objective == "pondernet"
+        self.prepared = False
         self.readout: Optional[TaskReadout] = None
         self.num_layers = 0
         self.num_classes = 0
@@ -163,8 +190,9 @@ class EarlyExitMethod:
             )
         val = cfg.get("validation", None) or {}
         rules = val.get("exit_rules", None)
-        return cls(EarlyExitSettings.from_config(cfg), cfg.get("task", "sft"),
-                   exit_rules_from_config(rules) if rules is not None else None)
+        settings = EarlyExitSettings.from_config(cfg)
+        return cls(settings, cfg.get("task", "sft"),
+                   exit_rules_from_config(rules, settings.objective) if rules is not None else None)
 
     @classmethod
     def for_recipe(cls, cfg: DictConfig, recipe: str) -> "EarlyExitMethod":
@@ -201,6 +229,9 @@ class EarlyExitMethod:
         # the outputs of layers 1..L-1 (torchtune returns the input of each listed layer)
         model.output_hidden_states = list(range(1, L))
         param = next(model.parameters())
+        self.prepared = True
+        if not self.halting:
+            return
         with torch.device(param.device):
             previous = torch.get_default_dtype()
             torch.set_default_dtype(param.dtype)
@@ -215,15 +246,15 @@ class EarlyExitMethod:
     def trained_modules(self) -> Dict[str, nn.Module]:
         """What the trainer optimises, shards and saves beside the model (``prepare`` first)."""
         self._require_prepared()
-        return {HEADS_MODULE: self.heads}
+        return {HEADS_MODULE: self.heads} if self.halting else {}
 
     def _require_prepared(self) -> None:
-        if self.heads is None:
+        if not self.prepared:
             raise RuntimeError("EarlyExitMethod.prepare(model, data) must run before a step")
 
     def _all_layers(self, model: nn.Module, batch: Dict[str, torch.Tensor]):
-        """(scored positions, per-layer results [L] of LayerReadout, lambdas [B, L-1]) of one
-        forward through every layer."""
+        """(scored positions, per-layer results [L] of LayerReadout, lambdas [B, L-1] or None
+        without halting heads) of one forward through every layer."""
         self._require_prepared()
         targets = shift_labels(batch["labels"])
         scored = self.readout.positions(targets)
@@ -237,7 +268,9 @@ class EarlyExitMethod:
         unshard_parameters(model)  # the readouts below use its norm and output projection
         rows = torch.arange(targets.shape[0], device=targets.device)
         answer = scored.answer_positions
-        lambdas = self.heads(torch.stack([h[rows, answer] for h in hidden]))
+        lambdas = None
+        if self.halting:
+            lambdas = self.heads(torch.stack([h[rows, answer] for h in hidden]))
         B, local = targets.shape[0], scored.rows
         per_layer = [
             self.readout.read(self.readout.logits(h[scored.rows, scored.positions]),
@@ -251,8 +284,12 @@ class EarlyExitMethod:
         return scored, per_layer, lambdas
 
     def _objective(self, per_layer, lambdas):
-        p = exit_distribution(lambdas)
+        """(exit distribution [B, L] or None, layer losses [B, L], PonderTerms)."""
         losses = torch.stack([r.loss for r in per_layer], dim=1)  # [B, L]
+        if not self.halting:
+            task = layer_weighted_loss(losses)
+            return None, losses, PonderTerms(loss=task, task=task, kl=torch.zeros_like(task))
+        p = exit_distribution(lambdas)
         s = self.settings
         terms = ponder_loss(losses, floor_exit_distribution(p, s.eps), self.prior, s.beta, s.kl)
         return p, losses, terms
@@ -260,15 +297,17 @@ class EarlyExitMethod:
     def _base_sums(self, scored, per_layer, p, terms) -> Dict[str, torch.Tensor]:
         v = scored.has_target.float()
         last = per_layer[-1]
-        return {
+        sums = {
             "samples": v.sum(),
             "loss": (terms.loss.detach() * v).sum(),
             "task_loss": (terms.task.detach() * v).sum(),
-            "kl": (terms.kl.detach() * v).sum(),
-            "expected_layers": (expected_layers(p.detach()) * v).sum(),
             "last_loss": (last.loss.detach() * v).sum(),
             "last_correct": (last.correct.float() * v).sum(),
         }
+        if p is not None:
+            sums["kl"] = (terms.kl.detach() * v).sum()
+            sums["expected_layers"] = (expected_layers(p.detach()) * v).sum()
+        return sums
 
     def train_step(self, model: nn.Module, batch: Dict[str, torch.Tensor], step: int,
                    set_grad_sync=None) -> Sums:
@@ -295,13 +334,14 @@ class EarlyExitMethod:
         vf = v.float()
         sums["layer_loss"] = (losses * vf[:, None]).sum(0)
         sums["layer_correct"] = torch.stack([(r.correct & v).float().sum() for r in per_layer])
-        q_layers = q_exit_layers(p, VALIDATION_Q)
-        pick = (q_layers - 1)[:, None]
-        sums["q_exit_loss"] = (losses.gather(1, pick).squeeze(1) * vf).sum()
-        correct = torch.stack([r.correct for r in per_layer], dim=1)
-        sums["q_exit_correct"] = (correct.gather(1, pick).squeeze(1) & v).float().sum()
-        sums["q_exit_layers"] = (q_layers.float() * vf).sum()
-        target = torch.full_like(q_layers, -1)
+        if p is not None:
+            q_layers = q_exit_layers(p, VALIDATION_Q)
+            pick = (q_layers - 1)[:, None]
+            sums["q_exit_loss"] = (losses.gather(1, pick).squeeze(1) * vf).sum()
+            correct = torch.stack([r.correct for r in per_layer], dim=1)
+            sums["q_exit_correct"] = (correct.gather(1, pick).squeeze(1) & v).float().sum()
+            sums["q_exit_layers"] = (q_layers.float() * vf).sum()
+        target = torch.full_like(scored.answer_positions, -1)
         if self.readout.is_classification:
             target[scored.rows] = scored.targets
         for name, rule in self.timed_rules().items():
@@ -342,8 +382,9 @@ class EarlyExitMethod:
 
     def validation_metric_names(self) -> FrozenSet[str]:
         m = self.metric
-        names = {"samples", "loss", "task_loss", "kl", "expected_layers", "last_loss",
-                 f"last_{m}", "q_exit_loss", f"q_exit_{m}", "q_exit_layers"}
+        names = {"samples", "loss", "task_loss", "last_loss", f"last_{m}"}
+        if self.halting:
+            names |= {"kl", "expected_layers", "q_exit_loss", f"q_exit_{m}", "q_exit_layers"}
         names |= {f"{k}_layer_{n}" for k in ("loss", m) for n in range(1, self.num_layers + 1)} \
             if self.num_layers else set()
         for r in self.timed_rules():
@@ -355,11 +396,12 @@ class EarlyExitMethod:
     def _metrics(self, sums: Dict[str, Any]) -> Dict[str, float]:
         n = max(sums["samples"], 1.0)
         m = self.metric
-        out = {
-            "loss": sums["loss"] / n, "task_loss": sums["task_loss"] / n, "kl": sums["kl"] / n,
-            "expected_layers": sums["expected_layers"] / n, "last_loss": sums["last_loss"] / n,
-            f"last_{m}": sums["last_correct"] / n, "samples": sums["samples"],
-        }
+        out = {"loss": sums["loss"] / n, "task_loss": sums["task_loss"] / n,
+               "last_loss": sums["last_loss"] / n, f"last_{m}": sums["last_correct"] / n,
+               "samples": sums["samples"]}
+        for key in ("kl", "expected_layers"):
+            if key in sums:
+                out[key] = sums[key] / n
         return out
 
     def step_metrics(self, sums: Dict[str, Any], seconds: float) -> Dict[str, float]:
@@ -374,9 +416,10 @@ class EarlyExitMethod:
         for i, (loss, correct) in enumerate(zip(sums["layer_loss"], sums["layer_correct"]), 1):
             out[f"loss_layer_{i}"] = loss / n
             out[f"{m}_layer_{i}"] = correct / n
-        out["q_exit_loss"] = sums["q_exit_loss"] / n
-        out[f"q_exit_{m}"] = sums["q_exit_correct"] / n
-        out["q_exit_layers"] = sums["q_exit_layers"] / n
+        if "q_exit_layers" in sums:
+            out["q_exit_loss"] = sums["q_exit_loss"] / n
+            out[f"q_exit_{m}"] = sums["q_exit_correct"] / n
+            out["q_exit_layers"] = sums["q_exit_layers"] / n
         full_seconds = sums.get(f"{FULL}_seconds")
         for r in self.timed_rules():
             out[f"{r}_loss"] = sums[f"{r}_loss"] / n
@@ -409,11 +452,12 @@ class EarlyExitMethod:
 
     def describe_validation(self, metrics: Dict[str, float]) -> str:
         m = self.metric
-        line = (f"loss={metrics['val_loss']:.4f} task_loss={metrics['val_task_loss']:.4f} "
-                f"kl={metrics['val_kl']:.4f} expected_layers={metrics['val_expected_layers']:.2f} "
-                f"q_exit: {m}={metrics[f'val_q_exit_{m}']:.4f} "
-                f"layers={metrics['val_q_exit_layers']:.2f}; all layers: "
-                f"{m}={metrics[f'val_last_{m}']:.4f}")
+        line = f"loss={metrics['val_loss']:.4f} task_loss={metrics['val_task_loss']:.4f} "
+        if self.halting:
+            line += (f"kl={metrics['val_kl']:.4f} expected_layers={metrics['val_expected_layers']:.2f} "
+                     f"q_exit: {m}={metrics[f'val_q_exit_{m}']:.4f} "
+                     f"layers={metrics['val_q_exit_layers']:.2f}; ")
+        line += f"all layers: {m}={metrics[f'val_last_{m}']:.4f}"
         for r in self.timed_rules():
             if r != FULL:
                 line += (f"; {r}: {m}={metrics[f'val_{r}_{m}']:.4f} layers="

@@ -166,3 +166,35 @@ def test_errors_that_need_the_model():
         EarlyExitMethod.from_config(OmegaConf.create({})).trained_modules()
     with pytest.raises(ValueError, match="trains method: early_exit, but the config sets method: comparative"):
         EarlyExitMethod.for_recipe(OmegaConf.create({"method": "comparative"}), "early_exit_finetune_single_device")
+
+
+def test_pabee_objective_weights_the_layers_by_their_index():
+    """objective: pabee: sum_n n CE_n / sum_n n per sample, by hand; no halting heads."""
+    cfg = OmegaConf.create({"method": "early_exit", "early_exit": {"objective": "pabee"}})
+    method = build_method(cfg)
+    torch.manual_seed(0)
+    model = tiny_llama(vocab_size=V, num_layers=L, num_heads=4, num_kv_heads=2, embed_dim=D,
+                       intermediate_dim=64, max_seq_len=64)
+    method.prepare(model, RecipeData([], None, None, 0))
+    assert method.trained_modules() == {}
+    batch = _batch(False, batch_size=4, seed=2)
+    sums = method.train_step(model, batch, step=0)
+    targets = shift_labels(batch["labels"])
+    h, expected = model.tok_embeddings(batch["tokens"]), 0.0
+    with torch.no_grad():
+        for n, layer in enumerate(model.layers, 1):
+            h = layer(h)
+            for b in range(4):
+                pos = (targets[b] != -100).nonzero().squeeze(1)
+                ce = F.cross_entropy(model.output(model.norm(h[b, pos])).float(), targets[b, pos])
+                expected += n * ce / sum(range(1, L + 1))
+    torch.testing.assert_close(sums["loss"], expected, rtol=1e-5, atol=1e-5)
+    assert "kl" not in sums and "expected_layers" not in sums
+    assert [r.name for r in EarlyExitMethod.from_config(OmegaConf.create(
+        {"early_exit": {"objective": "pabee"}, "validation": {"exit_rules": "default"}})).exit_rules] == ["patience"]
+    with pytest.raises(ValueError, match=r"pabee trains no halting heads, so \['beta'\] would be ignored"):
+        build_method(OmegaConf.create({"method": "early_exit",
+                                       "early_exit": {"objective": "pabee", "beta": 0.1}}))
+    with pytest.raises(ValueError, match="exit rule q_exit reads the halting heads"):
+        build_method(OmegaConf.create({"method": "early_exit", "early_exit": {"objective": "pabee"},
+                                       "validation": {"exit_rules": {"q_exit": None}}}))

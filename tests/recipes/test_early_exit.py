@@ -184,3 +184,15 @@ def test_bad_input_fails_before_anything_is_written(assets, deep_base, trained, 
     _fails(evaluate(comparative, tmp_path, "cmp", f"checkpointer.checkpoint_dir={run_dir / 'best'}",
                     f"eval.output_path={tmp_path / 'c.json'}", "eval.exit_rules={q_exit: null}",
                     check=False), "exit_rules")
+
+
+def test_pabee_baseline_trains_without_heads_and_exits_by_patience(assets, deep_base, tmp_path):
+    cfg = early_exit_config(assets, deep_base, tmp_path / "pabee", max_steps_per_epoch=3,
+                            early_exit={"objective": "pabee"})
+    train(cfg, tmp_path, "pabee")
+    best = tmp_path / "pabee" / "best"
+    assert not (best / HEADS).exists()
+    evaluate(cfg, tmp_path, "eval", f"checkpointer.checkpoint_dir={best}",
+             f"eval.output_path={tmp_path / 'pabee.json'}")
+    rows = json.loads((tmp_path / "pabee.json").read_text())["exit_rules"]
+    assert [r["rule"] for r in rows] == ["full", "patience"]

@@ -41,7 +41,7 @@ _SAMPLE_STREAM = 0x5A3
 @dataclass(frozen=True)
 class ExitRule:
     """An exit rule and its setting: ``q`` (q_exit, in (0, 1)), ``patience`` (>= 1; unset:
-    PABEE's 6, at most L - 1, see ``resolved``), ``layers`` (fixed, 1..L), ``seed`` (sample)."""
+    PABEE's 6, at most L // 3, see ``resolved``), ``layers`` (fixed, 1..L), ``seed`` (sample)."""
 
     name: str
     q: float = 0.5
@@ -60,10 +60,11 @@ class ExitRule:
 
     def resolved(self, num_layers: int) -> "ExitRule":
         """This rule for a model of ``num_layers`` layers: an unset patience becomes
-        min(6, L - 1) (PABEE's 6; a patience of L - 1 or more never exits early)."""
+        max(1, min(6, L // 3)): PABEE's 6 for its 12-layer models scaled down (a patience of
+        L - 1 or more never exits before the last layer)."""
         if self.name != "patience" or self.patience is not None:
             return self
-        return dataclasses.replace(self, patience=max(1, min(6, num_layers - 1)))
+        return dataclasses.replace(self, patience=max(1, min(6, num_layers // 3)))
 
     @property
     def needs_lambdas(self) -> bool:

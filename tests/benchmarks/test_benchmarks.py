@@ -22,7 +22,8 @@ def run(script, *args, cwd):
     return proc.stdout
 
 
-@pytest.mark.parametrize("script", ["comparative_step.py", "per_sample_ce.py", "lora_step.py"])
+@pytest.mark.parametrize("script", ["comparative_step.py", "per_sample_ce.py", "lora_step.py",
+                                    "early_exit_table.py"])
 def test_help(script, tmp_path):
     assert "usage:" in run(script, "--help", cwd=tmp_path)
 

@@ -172,5 +172,6 @@ def test_rows_without_target_and_bad_rules():
                           ({"name": "fixed"}, "fixed.layers")]:
         with pytest.raises(ValueError, match=match):
             ExitRule(**{"name": "q_exit", **kwargs})
-    assert ExitRule("patience").resolved(4).patience == 3
+    assert ExitRule("patience").resolved(4).patience == 1
+    assert ExitRule("patience").resolved(12).patience == 4
     assert ExitRule("patience").resolved(30).patience == 6

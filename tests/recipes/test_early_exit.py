@@ -85,7 +85,7 @@ def test_checkpoints_hold_the_halting_heads_and_eval_reports_every_rule(trained,
     rows = {r["rule"]: r for r in report["exit_rules"]}
     assert list(rows) == ["full", "q_exit", "sample", "patience"]
     assert rows["full"]["layers"] == 4 and rows["full"]["speedup"] == 1.0
-    assert rows["patience"]["setting"] == "patience=3"  # min(6, L - 1)
+    assert rows["patience"]["setting"] == "patience=1"  # max(1, min(6, L // 3))
     for r in rows.values():
         assert sum(r["exit_histogram"]) == 16
         assert r["layers"] == pytest.approx(
@@ -196,3 +196,23 @@ def test_pabee_baseline_trains_without_heads_and_exits_by_patience(assets, deep_
              f"eval.output_path={tmp_path / 'pabee.json'}")
     rows = json.loads((tmp_path / "pabee.json").read_text())["exit_rules"]
     assert [r["rule"] for r in rows] == ["full", "patience"]
+
+
+def test_two_ranks_evaluate_like_one(trained, tmp_path):
+    """Each rank runs its rows layer by layer and joins the layers' collectives until every
+    rank is done: the same rows, decisions and metrics as one process."""
+    cfg, out = trained
+    reports = {}
+    for n in (1, 2):
+        path = write(cfg, tmp_path / f"eval{n}.yaml")
+        torchrun = [f"--nproc_per_node={n}"] if n > 1 else []
+        run([sys.executable, "-m", "comparative_recipe.cli", "eval", *torchrun, "--config",
+             str(path), f"checkpointer.checkpoint_dir={out / 'best'}",
+             f"eval.output_path={tmp_path / f'r{n}.json'}"], cwd=tmp_path)
+        reports[n] = json.loads((tmp_path / f"r{n}.json").read_text())
+    assert reports[2]["world_size"] == 2
+    for a, b in zip(reports[1]["exit_rules"], reports[2]["exit_rules"]):
+        assert a["rule"] == b["rule"] and a["exit_histogram"] == b["exit_histogram"]
+        for key in ("exact_match", "layers"):
+            assert a[key] == pytest.approx(b[key])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)

@@ -92,8 +92,10 @@ def test_every_config_builds_its_model_on_the_meta_device(path):
 
 
 def hidden_ablation(method):
-    """The hidden-unit ablation a method masks with (None if it masks none)."""
-    return method.settings.hidden if isinstance(method, ComparativeMethod) else method.hidden
+    """The hidden-unit ablation a method masks with (None if it masks none: early exit)."""
+    if isinstance(method, ComparativeMethod):
+        return method.settings.hidden
+    return getattr(method, "hidden", None)
 
 
 def _dataset_sections(cfg):

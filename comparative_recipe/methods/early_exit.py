@@ -117,7 +117,8 @@ class EarlyExitSettings:
         if halting.get("kind") == "linear" and {"depth", "hidden_dim"} & set(halting):
             raise ValueError(
                 "early_exit.halting: a linear head has no hidden layers, so depth and hidden_dim "
-                "would be ignored: remove them, or set kind: mlp"
+                "would be ignored: remove them (on the command line: "
+                "'early_exit.halting={kind: linear}'), or set kind: mlp"
             )
         run_seed = cfg.get("seed", None)
         section.setdefault("seed", 0 if run_seed is None else run_seed)

@@ -94,7 +94,12 @@ class TaskReadout:
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """[N, D] states (a layer's output, before the final norm) -> [N, C] float32 logits."""
-        logits = self.model.output(self.model.norm(states)).float()
+        return self.task_logits(self.model.output(self.model.norm(states)))
+
+    def task_logits(self, vocab_logits: torch.Tensor) -> torch.Tensor:
+        """[N, V] logits over the vocabulary -> [N, C] float32 logits of the task: the label
+        words' (classification), else all of them."""
+        logits = vocab_logits.float()
         if self.label_token_ids is not None:
             logits = logits[:, torch.as_tensor(self.label_token_ids, device=logits.device)]
         return logits

@@ -278,9 +278,7 @@ class EarlyExitMethod:
                               scored.targets, local, B)
             for h in hidden
         ]
-        final = _whole(logits)[scored.rows, scored.positions].float()
-        if self.readout.is_classification:
-            final = final[:, torch.as_tensor(self.readout.label_token_ids, device=final.device)]
+        final = self.readout.task_logits(_whole(logits)[scored.rows, scored.positions])
         per_layer.append(self.readout.read(final, scored.targets, local, B))
         return scored, per_layer, lambdas
 

@@ -1,0 +1,1 @@
+"""Distillation from several teachers with per-token prediction weighting (``mixing``)."""

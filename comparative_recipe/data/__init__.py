@@ -32,6 +32,7 @@ from comparative_recipe.data.messages import (
     message_content_spans,
     MessageSpansTokenizer,
 )
+from comparative_recipe.data.wordnet import sense_accuracy, wordnet_sense_dataset
 from comparative_recipe.data.tokenizer_utils import (
     separator_token_ids,
     special_token_ids,
@@ -40,6 +41,8 @@ from comparative_recipe.data.tokenizer_utils import (
 )
 
 __all__ = [
+    "sense_accuracy",
+    "wordnet_sense_dataset",
     "CHUNK_ROLES",
     "ChunkingConfig",
     "ClassificationDataset",
